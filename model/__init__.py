@@ -1,0 +1,1 @@
+"""CovidScan model package: network, transforms, checkpoints, training engine and inference (no Flask)."""

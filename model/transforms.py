@@ -1,0 +1,253 @@
+"""Image decoding and the train / eval transform presets (eval parameters travel in the checkpoint)."""
+
+import io
+import logging
+import random
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
+from torchvision import transforms as T
+
+from model.errors import InvalidImageError, UnsupportedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Raster formats we accept; others are well-formed but refused (415) rather than guessed at.
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+# A 4096x4096 detector is the largest common CR/DX size; 50 MP leaves room and stops bombs early.
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 32
+MAX_ASPECT_RATIO = 8.0
+RECIPES = ("tutorial", "robust")
+INTENSITY_MODES = ("none", "equalize", "autocontrast")
+RESIZE_MODES = ("squash", "letterbox")
+
+# Pillow must never hand us a half-decoded image silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(data, *, max_pixels=MAX_PIXELS):
+    """Decode uploaded bytes into an 8-bit grayscale ``PIL.Image`` ("L"), or raise ``InvalidImageError``."""
+    if not data:
+        raise InvalidImageError("The file is empty.")
+    if _looks_like_dicom(data):
+        raise UnsupportedImageError("DICOM files are not supported yet; please upload a PNG or JPEG export.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image_format = image.format
+            _check_header(image, image_format, max_pixels)
+            image.load()
+    except InvalidImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InvalidImageError("The image has too many pixels to be a chest X-ray (possible decompression bomb).") from error
+    except UnidentifiedImageError as error:
+        raise UnsupportedImageError("The file is not a PNG or JPEG image.") from error
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
+        raise InvalidImageError("The image is damaged or truncated and cannot be read.") from error
+    return to_grayscale(image)
+
+
+def _looks_like_dicom(data):
+    """True for DICOM Part 10 files (128-byte preamble then ``DICM``)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _check_header(image, image_format, max_pixels):
+    """Refuse wrong formats and absurd sizes before any pixel is decoded."""
+    if image_format not in ACCEPTED_FORMATS:
+        raise UnsupportedImageError(f"{image_format or 'This'} images are not accepted; please upload a PNG or JPEG.")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"The image is {width}x{height} pixels; at most {max_pixels // 1_000_000} megapixels are accepted."
+        )
+    if min(width, height) < MIN_SIDE:
+        raise InvalidImageError(f"The image is {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels.")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise InvalidImageError(f"The image is {width}x{height} pixels; that is not the shape of a chest X-ray.")
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidImageError("Animated or multi-frame images are not accepted; please upload a single image.")
+
+
+def to_grayscale(image):
+    """Convert any Pillow mode to 8-bit grayscale, honouring EXIF orientation, alpha and bit depth."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _scale_to_uint8(np.asarray(image, dtype=np.float32))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent areas become black, the background of an X-ray.
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode != "L":
+        image = image.convert("RGB").convert("L")
+    return image
+
+
+def _scale_to_uint8(pixels):
+    """Linearly window a high-bit-depth array onto 0..255."""
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return Image.fromarray(np.zeros(pixels.shape, dtype=np.uint8), mode="L")
+    scaled = (pixels - low) * (255.0 / (high - low))
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+class IntensityNormalize:
+    """Per-image intensity normalisation, removing the grey-level signature of each scanner and site."""
+
+    def __init__(self, mode="none"):
+        if mode not in INTENSITY_MODES:
+            raise ValueError(f"unknown intensity mode {mode!r}; choose one of {INTENSITY_MODES}")
+        self.mode = mode
+
+    def __call__(self, image):
+        if self.mode == "equalize":
+            return ImageOps.equalize(image)
+        if self.mode == "autocontrast":
+            return ImageOps.autocontrast(image, cutoff=1)
+        return image
+
+    def __repr__(self):
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+class Letterbox:
+    """Resize keeping the aspect ratio, then pad with black to a square of ``size``."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        return ImageOps.pad(image, (self.size, self.size), method=Image.BILINEAR, color=0)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class RandomAcquisition:
+    """Random acquisition-like changes (gamma, contrast, blur, sharpening, noise, JPEG, resolution)."""
+
+    def __init__(self, probability=0.8):
+        self.probability = probability
+
+    def __call__(self, image):
+        if random.random() > self.probability:
+            return image
+        operations = [self._gamma, self._contrast, self._blur, self._sharpen, self._noise, self._jpeg, self._resample]
+        for operation in random.sample(operations, k=random.randint(1, 3)):
+            image = operation(image)
+        return image
+
+    @staticmethod
+    def _gamma(image):
+        gamma = random.uniform(0.5, 1.8)
+        table = [round(255 * (value / 255) ** gamma) for value in range(256)]
+        return image.point(table)
+
+    @staticmethod
+    def _contrast(image):
+        pixels = np.asarray(image, dtype=np.float32)
+        scaled = (pixels - 128) * random.uniform(0.6, 1.5) + 128 + random.uniform(-40, 40)
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+    @staticmethod
+    def _blur(image):
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.3, 2.0)))
+
+    @staticmethod
+    def _sharpen(image):
+        return image.filter(ImageFilter.UnsharpMask(radius=2, percent=random.randint(50, 200), threshold=2))
+
+    @staticmethod
+    def _noise(image):
+        pixels = np.asarray(image, dtype=np.float32)
+        noisy = pixels + np.random.normal(0, random.uniform(2, 12), pixels.shape)
+        return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="L")
+
+    @staticmethod
+    def _jpeg(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=random.randint(20, 95))
+        return Image.open(io.BytesIO(buffer.getvalue())).convert("L")
+
+    @staticmethod
+    def _resample(image):
+        factor = random.uniform(0.2, 0.6)
+        small = image.resize((max(8, int(image.width * factor)), max(8, int(image.height * factor))), Image.BILINEAR)
+        return small.resize(image.size, Image.BILINEAR)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(probability={self.probability})"
+
+
+def eval_transform_params(*, image_size=224, recipe="tutorial"):
+    """Return the plain-dict description of the eval transform that is stored in checkpoints."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+    robust = recipe == "robust"
+    return {
+        "image_size": image_size,
+        "resize_mode": "letterbox" if robust else "squash",
+        "crop_size": image_size,
+        "intensity": "equalize" if robust else "none",
+        "channels": 3,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def _resize(params):
+    if params["resize_mode"] == "letterbox":
+        return Letterbox(params["image_size"])
+    return T.Resize((params["image_size"], params["image_size"]))
+
+
+def build_eval_transform(params):
+    """Build the deterministic eval transform (PIL "L" image -> normalised tensor) from stored params."""
+    return T.Compose(
+        [
+            _resize(params),
+            T.CenterCrop(params["crop_size"]),
+            IntensityNormalize(params["intensity"]),
+            T.Grayscale(num_output_channels=params["channels"]),
+            T.ToTensor(),
+            T.Normalize(params["mean"], params["std"]),
+        ]
+    )
+
+
+def build_train_transform(params, *, recipe="tutorial"):
+    """Build the augmenting train transform matching ``params`` (the eval transform's description)."""
+    size = params["crop_size"]
+    tail = [
+        T.Grayscale(num_output_channels=params["channels"]),
+        T.ToTensor(),
+        T.Normalize(params["mean"], params["std"]),
+    ]
+    if recipe == "tutorial":
+        return T.Compose(
+            [_resize(params), T.RandomRotation(20), T.RandomHorizontalFlip(), IntensityNormalize(params["intensity"])]
+            + tail
+        )
+    if recipe == "robust":
+        return T.Compose(
+            [
+                RandomAcquisition(probability=0.8),
+                _resize(params),
+                T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25)),
+                T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+                IntensityNormalize(params["intensity"]),
+            ]
+            + tail
+            + [T.RandomErasing(p=0.3, scale=(0.01, 0.06), value=0)]
+        )
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
