@@ -1,0 +1,79 @@
+"""ImageFolder datasets read through the same decoder as the app, with layout checks and class weights."""
+
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torchvision.datasets import ImageFolder
+
+from model.errors import DataError
+from model.transforms import decode_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def load_image(path):
+    """Read an image file through the upload decoder, so training sees what serving sees."""
+    return decode_image(Path(path).read_bytes())
+
+
+def make_image_folder(root, transform=None, *, class_names=None):
+    """Return an ``ImageFolder`` over ``root`` (class sub-folders), checking the layout first.
+
+    When ``class_names`` is given (e.g. from the checkpoint) the folder must hold exactly those classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    found = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not found:
+        raise DataError(f"{root} has no class sub-folders (expected ImageFolder layout: {root}/<class>/<image>)")
+    if class_names is not None and found != list(class_names):
+        raise DataError(f"{root} has classes {found}, expected {list(class_names)}")
+    empty = [name for name in found if not any(_is_image(path) for path in (root / name).rglob("*"))]
+    if empty:
+        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty)}")
+    return ImageFolder(str(root), transform=transform, loader=load_image, is_valid_file=_is_image)
+
+
+def _is_image(path):
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not Path(path).name.startswith(".")
+
+
+def class_counts(dataset):
+    """Images per class name."""
+    counts = Counter(dataset.targets)
+    return {name: counts.get(index, 0) for index, name in enumerate(dataset.classes)}
+
+
+def inverse_frequency_weights(dataset):
+    """Per-class loss weights proportional to 1 / frequency, averaging 1."""
+    counts = torch.tensor([max(count, 1) for count in class_counts(dataset).values()], dtype=torch.float32)
+    weights = counts.sum() / (len(counts) * counts)
+    return weights
+
+
+def read_manifest_sources(manifest_path, data_root):
+    """Map each image path under ``data_root`` to its ``source_repo`` from a MANIFEST.csv."""
+    manifest_path, data_root = Path(manifest_path), Path(data_root).resolve()
+    manifest_root = manifest_path.resolve().parent
+    sources = {}
+    with manifest_path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            source = row.get("source_repo") or row.get("source") or "unknown"
+            sources[str((manifest_root / row["path"]).resolve())] = source
+    return {path: source for path, source in sources.items() if path.startswith(str(data_root))}
+
+
+def source_balanced_weights(dataset, sources):
+    """Per-sample weights so that each (class, source) group is drawn equally often within its class."""
+    groups = [(target, sources.get(str(Path(path).resolve()), "unknown")) for path, target in dataset.samples]
+    group_sizes = Counter(groups)
+    groups_per_class = Counter(target for target, _ in group_sizes)
+    return torch.tensor(
+        [1.0 / (group_sizes[group] * groups_per_class[group[0]]) for group in groups], dtype=torch.double
+    )

@@ -1,0 +1,64 @@
+"""One training epoch and batched inference over a loader."""
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.distributed import all_reduce_sum, is_main_process
+
+logger = logging.getLogger(__name__)
+
+
+def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, epoch, *, scaler=None,
+                    channels_last=False, progress=True):
+    """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s."""
+    network.train()
+    total_loss, total_correct, total_seen = 0.0, 0.0, 0.0
+    start = time.perf_counter()
+    batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and is_main_process()))
+    for images, targets in batches:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, enabled=scaler is not None):
+            logits = network(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(targets)
+        total_correct += (logits.argmax(dim=1) == targets).sum().item()
+        total_seen += len(targets)
+        batches.set_postfix(loss=f"{total_loss / total_seen:.4f}", acc=f"{total_correct / total_seen:.3f}")
+    total_loss, total_correct, total_seen = all_reduce_sum([total_loss, total_correct, total_seen], device)
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(total_seen, 1),
+        "train_accuracy": total_correct / max(total_seen, 1),
+        "train_images_per_second": total_seen / elapsed,
+    }
+
+
+@torch.inference_mode()
+def predict_logits(network, loader, device, *, channels_last=False, progress=False, description="eval"):
+    """Run ``network`` over ``loader``; return (logits, targets) as numpy arrays."""
+    network.eval()
+    all_logits, all_targets = [], []
+    for images, targets in tqdm(loader, desc=description, leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        all_logits.append(network(images).float().cpu())
+        all_targets.append(targets)
+    if not all_logits:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros((0,), dtype=np.int64)
+    return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()

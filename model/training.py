@@ -1,0 +1,223 @@
+"""The training run behind ``scripts/train.py``: data, model, optimiser, epochs, checkpoints (DDP-aware)."""
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+
+from model import distributed
+from model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, to_serving
+from model.data import (
+    class_counts,
+    inverse_frequency_weights,
+    make_image_folder,
+    read_manifest_sources,
+    source_balanced_weights,
+)
+from model.engine import predict_logits, train_one_epoch
+from model.errors import CheckpointError, DataError
+from model.metrics import compute_metrics, softmax
+from model.network import build_model
+from model.transforms import build_eval_transform, build_train_transform, eval_transform_params
+
+logger = logging.getLogger(__name__)
+
+METRICS_FIELDS = (
+    "epoch", "lr", "train_loss", "train_accuracy", "train_images_per_second",
+    "val_loss", "val_accuracy", "val_macro_f1", "val_ece", "epoch_seconds", "is_best",
+)
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch so runs repeat."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(total_steps, warmup_steps):
+    """Learning-rate multiplier: linear warm-up then cosine decay to zero."""
+
+    def multiplier(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def build_optimizer(args, parameters):
+    """AdamW (default) or SGD with Nesterov momentum."""
+    if args.opt == "sgd":
+        return torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _loader(dataset, args, *, shuffle, sampler=None):
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=args.device.startswith("cuda"),
+        persistent_workers=args.workers > 0,
+        drop_last=shuffle and len(dataset) > args.batch_size,
+    )
+
+
+def train(args):
+    """Run a full training job described by the parsed ``scripts/train.py`` arguments."""
+    device = torch.device(args.device)
+    rank, world_size, local_rank = distributed.init_distributed(device.type)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    seed_everything(args.seed + rank)
+    output_dir = Path(args.output_dir)
+    if distributed.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    data_root = Path(args.data)
+    if not data_root.is_dir():
+        raise DataError(f"data folder not found: {data_root}")
+    transform_params = eval_transform_params(image_size=args.image_size, recipe=args.recipe)
+    train_set = make_image_folder(data_root / "train", build_train_transform(transform_params, recipe=args.recipe))
+    val_set = make_image_folder(
+        data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
+    )
+    class_names = train_set.classes
+    logger.info("classes %s; train %s; val %s", class_names, class_counts(train_set), class_counts(val_set))
+
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    elif args.sampler == "source":
+        manifest = Path(args.manifest) if args.manifest else data_root / "MANIFEST.csv"
+        if not manifest.is_file():
+            raise DataError(f"--sampler source needs a MANIFEST.csv with source_repo (looked for {manifest})")
+        weights = source_balanced_weights(train_set, read_manifest_sources(manifest, data_root / "train"))
+        generator = torch.Generator().manual_seed(args.seed)
+        sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True, generator=generator)
+    train_loader = _loader(train_set, args, shuffle=True, sampler=sampler)
+    val_loader = _loader(val_set, args, shuffle=False)
+
+    network = build_model(args.arch, len(class_names), args.weights, freeze_backbone=args.freeze_backbone)
+    network.to(device)
+    channels_last = args.channels_last
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    class_weights = inverse_frequency_weights(train_set).to(device) if args.class_weighting == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing)
+    optimizer = build_optimizer(args, [p for p in network.parameters() if p.requires_grad])
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp else None
+
+    start_epoch, best_score, epochs_without_improvement, best_val_metrics = 0, -1.0, 0, None
+    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    if args.resume:
+        resume_path = Path(args.resume) if args.resume != "auto" else last_path
+        if resume_path.is_file():
+            state = load_checkpoint(resume_path)
+            if "optimizer" not in state:
+                raise CheckpointError(f"{resume_path} is a serving checkpoint; --resume needs a last.pt")
+            network.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = state["epoch"] + 1
+            best_score = state["best_score"]
+            epochs_without_improvement = state["epochs_without_improvement"]
+            best_val_metrics = state.get("val_metrics")
+            logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
+        elif args.resume != "auto":
+            raise CheckpointError(f"--resume {resume_path}: no such file")
+
+    model_for_training = network
+    if world_size > 1:
+        model_for_training = nn.parallel.DistributedDataParallel(
+            network, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+
+    provenance = {
+        "dataset": data_root.resolve().name,
+        "train_counts": class_counts(train_set),
+        "val_counts": class_counts(val_set),
+    }
+    metadata = {
+        "recipe": args.recipe,
+        "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        "data": provenance,
+        "model_name": f"covidscan-{args.arch}",
+    }
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.perf_counter()
+        # Reseeding per epoch makes a resumed run draw the same augmentations as an uninterrupted one.
+        seed_everything(args.seed + 1000 * epoch + rank)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(
+            model_for_training, criterion, optimizer, scheduler, train_loader, device, epoch,
+            scaler=scaler, channels_last=channels_last, progress=args.progress,
+        )
+        stop = False
+        if distributed.is_main_process():
+            logits, targets = predict_logits(network, val_loader, device, channels_last=channels_last)
+            probabilities = softmax(logits)
+            val_metrics = compute_metrics(targets, probabilities, class_names)
+            val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
+            score = val_metrics["macro_f1"]
+            is_best = score > best_score
+            if is_best:
+                best_score, epochs_without_improvement, best_val_metrics = score, 0, val_metrics
+            else:
+                epochs_without_improvement += 1
+            row = {
+                "epoch": epoch, "lr": learning_rate, **train_stats, "val_loss": val_loss,
+                "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
+                "val_ece": val_metrics["ece"], "epoch_seconds": time.perf_counter() - epoch_start, "is_best": int(is_best),
+            }
+            _append_metrics(output_dir / "metrics.csv", row)
+            logger.info(
+                "epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f s%s",
+                epoch, train_stats["train_loss"], train_stats["train_accuracy"], val_loss,
+                val_metrics["accuracy"], val_metrics["macro_f1"], row["epoch_seconds"], " (best)" if is_best else "",
+            )
+            checkpoint = make_checkpoint(
+                network, arch=args.arch, class_names=class_names, transform=transform_params,
+                epoch=epoch, val_metrics=val_metrics if is_best else None, **metadata,
+            )
+            if is_best:
+                save_checkpoint(to_serving(checkpoint), best_path)
+            checkpoint.update(
+                val_metrics=best_val_metrics, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                best_score=best_score, epochs_without_improvement=epochs_without_improvement,
+            )
+            save_checkpoint(checkpoint, last_path)
+            stop = args.patience > 0 and epochs_without_improvement >= args.patience
+            if stop:
+                logger.info("early stopping: val macro-F1 has not improved for %d epochs", args.patience)
+        distributed.barrier()
+        if distributed.broadcast_flag(stop, device):
+            break
+    distributed.cleanup()
+    return best_path
+
+
+def _append_metrics(path, row):
+    new_file = not path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
