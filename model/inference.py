@@ -1,0 +1,121 @@
+"""The Predictor: decoded image -> eval transform -> network -> softmax -> class activation map."""
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from model.cam import ActivationRecorder, cam_to_image_space, class_activation_maps, overlay_heatmap
+from model.checkpoint import build_model_from_checkpoint, load_checkpoint
+from model.transforms import build_eval_transform, decode_image
+
+logger = logging.getLogger(__name__)
+
+DISPLAY_MAX_SIDE = 768
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What one prediction returns to the app, the API and batch triage."""
+
+    label: str
+    probabilities: dict
+    heatmap: Image.Image | None = None  # RGB overlay on the (downscaled) input image
+    elapsed_ms: float = 0.0
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+class Predictor:
+    """Owns one loaded checkpoint: preprocessing, forward pass, softmax and heatmap."""
+
+    def __init__(self, checkpoint, *, device="cpu", checkpoint_path=None, sha256=None):
+        self.checkpoint = checkpoint
+        self.class_names = list(checkpoint["class_names"])
+        self.transform_params = checkpoint["transform"]
+        self.transform = build_eval_transform(self.transform_params)
+        self.temperature = float(checkpoint.get("temperature", 1.0))
+        self.device = torch.device(device)
+        self.network = build_model_from_checkpoint(checkpoint).to(self.device)
+        self.recorder = ActivationRecorder(self.network)
+        self.checkpoint_path = checkpoint_path
+        self.sha256 = sha256
+
+    @classmethod
+    def from_path(cls, path, *, device="cpu"):
+        """Load a checkpoint file (raises ``CheckpointError``) and build a Predictor around it."""
+        path = Path(path)
+        checkpoint = load_checkpoint(path)
+        return cls(checkpoint, device=device, checkpoint_path=str(path), sha256=file_sha256(path))
+
+    @property
+    def model_info(self):
+        """Model identity shown on pages and returned by the API."""
+        return {
+            "name": self.checkpoint.get("model_name", f"covidscan-{self.checkpoint['arch']}"),
+            "version": self.checkpoint.get("model_version", self.checkpoint.get("created_at", "unknown")),
+            "arch": self.checkpoint["arch"],
+            "classes": self.class_names,
+            "sha256": self.sha256,
+        }
+
+    def preprocess(self, image):
+        """Eval transform of one grayscale PIL image into a batch of one."""
+        return self.transform(image).unsqueeze(0)
+
+    @torch.inference_mode()
+    def forward(self, batch):
+        """Logits and last-block activations for a preprocessed batch."""
+        logits = self.network(batch.to(self.device))
+        return logits, self.recorder.activations
+
+    def probabilities_from_logits(self, logits):
+        """Temperature-scaled softmax."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
+    def predict_bytes(self, data, *, with_heatmap=True):
+        """Decode uploaded bytes (``InvalidImageError`` on bad input) and predict."""
+        start = time.perf_counter()
+        image = decode_image(data)
+        return self.predict_image(image, with_heatmap=with_heatmap, start=start)
+
+    def predict_image(self, image, *, with_heatmap=True, start=None):
+        """Predict one decoded grayscale image."""
+        start = time.perf_counter() if start is None else start
+        logits, activations = self.forward(self.preprocess(image))
+        probabilities = self.probabilities_from_logits(logits)[0]
+        index = int(probabilities.argmax())
+        heatmap = None
+        if with_heatmap:
+            cam = class_activation_maps(activations, self.network.fc.weight, torch.tensor([index]))[0]
+            display = _display_copy(image)
+            heat = cam_to_image_space(cam, self.transform_params, display.size)
+            heatmap = overlay_heatmap(display, heat)
+        return Prediction(
+            label=self.class_names[index],
+            probabilities={name: float(p) for name, p in zip(self.class_names, probabilities.tolist())},
+            heatmap=heatmap,
+            elapsed_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+
+def _display_copy(image):
+    """A copy small enough to show in a page."""
+    scale = DISPLAY_MAX_SIDE / max(image.size)
+    if scale >= 1:
+        return image.copy()
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+
+
+def file_sha256(path):
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
