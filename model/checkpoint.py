@@ -38,6 +38,7 @@ def save_checkpoint(checkpoint, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the model from a service account
         with os.fdopen(descriptor, "wb") as handle:
             torch.save(checkpoint, handle)
             handle.flush()

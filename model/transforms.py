@@ -66,7 +66,7 @@ def _check_header(image, image_format, max_pixels):
     width, height = image.size
     if width * height > max_pixels:
         raise InvalidImageError(
-            f"The image is {width}x{height} pixels; at most {max_pixels // 1_000_000} megapixels are accepted."
+            f"The image has too many pixels ({width}x{height}); at most {max_pixels // 1_000_000} megapixels are accepted."
         )
     if min(width, height) < MIN_SIDE:
         raise InvalidImageError(f"The image is {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels.")

@@ -1,0 +1,248 @@
+"""Unit tests of the model package: network building, weights, decoding, transforms, checkpoints, CAM."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from conftest import CLASS_NAMES, encode, make_xray_array
+from model.checkpoint import (
+    build_model_from_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+    to_serving,
+)
+from model.errors import CheckpointError, InvalidImageError, UnsupportedImageError, WeightsError
+from model.inference import Predictor
+from model.network import build_model
+from model.transforms import build_eval_transform, build_train_transform, decode_image, eval_transform_params
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_build_model_has_new_head(arch):
+    network = build_model(arch, num_classes=3)
+    assert network.fc.out_features == 3
+    assert network(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_freeze_backbone_trains_only_the_head():
+    network = build_model("resnet18", num_classes=3, freeze_backbone=True)
+    trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+
+
+def test_unknown_arch_is_refused():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("vgg16")
+
+
+def test_local_weights_load_backbone(tmp_path):
+    source = torchvision.models.resnet18()  # ImageNet-shaped head (1000 classes)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    network = build_model("resnet18", num_classes=3, weights=str(path))
+    assert torch.equal(network.conv1.weight, source.conv1.weight)
+    assert network.fc.out_features == 3
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"not a state dict", "not a PyTorch state dict"),
+        ("resnet34", "does not match resnet18"),
+    ],
+)
+def test_bad_local_weights_give_clear_error(tmp_path, content, message):
+    path = tmp_path / "weights.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "resnet34":
+        torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(WeightsError, match=message):
+        build_model("resnet18", num_classes=3, weights=str(path))
+
+
+def test_decode_accepts_png_and_jpeg(xray_png, xray_jpeg):
+    assert decode_image(xray_png).mode == "L"
+    assert decode_image(xray_jpeg).size == (320, 256)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["RGB", "RGBA", "P", "LA", "CMYK", "I;16"],
+)
+def test_decode_converts_modes_to_grayscale(mode):
+    array = make_xray_array(3)
+    if mode == "I;16":
+        image = Image.fromarray(array.astype(np.uint16) * 256)
+        assert image.mode.startswith("I;16")
+    else:
+        image = Image.fromarray(array, mode="L").convert(mode)
+    image_format = "JPEG" if mode == "CMYK" else "PNG"
+    decoded = decode_image(encode(image, image_format))
+    assert decoded.mode == "L"
+    # The structure survives conversion: correlation with the original stays high.
+    correlation = np.corrcoef(np.asarray(decoded, dtype=float).ravel(), array.astype(float).ravel())[0, 1]
+    assert correlation > 0.9
+
+
+def test_decode_applies_exif_orientation():
+    image = Image.fromarray(make_xray_array(4, size=(200, 300)), mode="L")  # 300 wide, 200 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    decoded = decode_image(encode(image, "JPEG", exif=exif.tobytes()))
+    assert decoded.size == (200, 300)
+
+
+@pytest.mark.parametrize(
+    "data, error, message",
+    [
+        (b"", InvalidImageError, "empty"),
+        (b"hello, this is text", UnsupportedImageError, "not a PNG or JPEG"),
+        ("truncated", InvalidImageError, "damaged or truncated"),
+        ("gif", UnsupportedImageError, "GIF images are not accepted"),
+        ("tiny", InvalidImageError, "at least"),
+        ("strip", InvalidImageError, "not the shape"),
+        ("bomb", InvalidImageError, "too many pixels"),
+        ("large", InvalidImageError, "too many pixels"),
+        (b"\0" * 128 + b"DICM" + b"\0" * 64, UnsupportedImageError, "DICOM"),
+    ],
+)
+def test_decode_rejects_bad_input(data, error, message):
+    if data == "truncated":
+        data = encode(Image.fromarray(make_xray_array(5), mode="L"), "JPEG")[:2000]
+    elif data == "gif":
+        data = encode(Image.fromarray(make_xray_array(5), mode="L"), "GIF")
+    elif data == "tiny":
+        data = encode(Image.new("L", (1, 1)))
+    elif data == "strip":
+        data = encode(Image.new("L", (4000, 100)))
+    elif data == "bomb":
+        data = encode(Image.new("L", (10000, 10000)))
+    elif data == "large":
+        data = encode(Image.new("L", (7100, 7100)))
+    with pytest.raises(error, match=message):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("recipe", ["tutorial", "robust"])
+def test_transforms_give_normalised_three_channel_tensors(recipe):
+    params = eval_transform_params(image_size=64, recipe=recipe)
+    image = Image.fromarray(make_xray_array(6, size=(120, 90)), mode="L")
+    for transform in (build_eval_transform(params), build_train_transform(params, recipe=recipe)):
+        tensor = transform(image)
+        assert tensor.shape == (3, 64, 64)
+        assert tensor.dtype == torch.float32
+
+
+def test_eval_transform_is_deterministic():
+    params = eval_transform_params(image_size=64, recipe="robust")
+    image = Image.fromarray(make_xray_array(7), mode="L")
+    assert torch.equal(build_eval_transform(params)(image), build_eval_transform(params)(image))
+
+
+def _checkpoint(arch="resnet18"):
+    network = build_model(arch, num_classes=3)
+    return network, make_checkpoint(
+        network, arch=arch, class_names=CLASS_NAMES, transform=eval_transform_params(image_size=64)
+    )
+
+
+def test_checkpoint_round_trip_weights_only_and_plain_torchvision(tmp_path):
+    network, checkpoint = _checkpoint()
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["class_names"] == CLASS_NAMES and raw["arch"] == "resnet18"
+    plain = torchvision.models.resnet18(num_classes=3)
+    plain.load_state_dict(raw["state_dict"])
+    loaded = build_model_from_checkpoint(load_checkpoint(path))
+    batch = torch.randn(2, 3, 64, 64)
+    network.eval()
+    plain.eval()
+    assert torch.allclose(loaded(batch), network(batch), atol=1e-6)
+    assert torch.allclose(plain(batch), network(batch), atol=1e-6)
+
+
+def test_half_export_loads_back_as_float32_and_agrees(tmp_path):
+    network, checkpoint = _checkpoint()
+    path = save_checkpoint(to_serving(checkpoint, half=True), tmp_path / "half.pt")
+    assert torch.load(path, weights_only=True)["state_dict"]["conv1.weight"].dtype == torch.float16
+    loaded = load_checkpoint(path)
+    assert loaded["state_dict"]["conv1.weight"].dtype == torch.float32
+    batch = torch.randn(2, 3, 64, 64)
+    network.eval()
+    difference = (torch.softmax(build_model_from_checkpoint(loaded)(batch), 1) - torch.softmax(network(batch), 1))
+    assert difference.abs().max() < 0.01
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        ("missing", "not found"),
+        ("truncated", "not a readable CovidScan checkpoint"),
+        ("foreign", "missing format_version"),
+        ("text", "not a readable CovidScan checkpoint"),
+        ("wrong_arch", "do not fit"),
+        ("version", "format"),
+    ],
+)
+def test_bad_checkpoints_raise_checkpoint_error(tmp_path, corrupt, message):
+    _, checkpoint = _checkpoint()
+    path = tmp_path / "bad.pt"
+    if corrupt == "truncated":
+        save_checkpoint(checkpoint, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif corrupt == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif corrupt == "text":
+        path.write_text("hello")
+    elif corrupt == "wrong_arch":
+        checkpoint["arch"] = "resnet34"
+        save_checkpoint(checkpoint, path)
+    elif corrupt == "version":
+        checkpoint["format_version"] = 99
+        save_checkpoint(checkpoint, path)
+    with pytest.raises(CheckpointError, match=message):
+        build_model_from_checkpoint(load_checkpoint(path))
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    _, checkpoint = _checkpoint()
+    save_checkpoint(checkpoint, tmp_path / "model.pt")
+    save_checkpoint(checkpoint, tmp_path / "model.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_predictor_probabilities_and_heatmap(tiny_checkpoint_path, xray_png):
+    predictor = Predictor.from_path(tiny_checkpoint_path)
+    prediction = predictor.predict_bytes(xray_png)
+    assert set(prediction.probabilities) == set(CLASS_NAMES)
+    assert abs(sum(prediction.probabilities.values()) - 1) < 1e-5
+    assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
+    assert prediction.heatmap.size == (256, 256) and prediction.heatmap.mode == "RGB"
+    assert len(predictor.sha256) == 64
+
+
+def test_cam_follows_the_evidence():
+    """A network whose only evidence is a bright patch puts the heatmap on that patch."""
+    from model.cam import ActivationRecorder, class_activation_maps
+
+    network = build_model("resnet18", num_classes=2).eval()
+    recorder = ActivationRecorder(network)
+    image = torch.zeros(1, 3, 128, 128)
+    image[:, :, 80:120, 80:120] = 3.0
+    with torch.inference_mode():
+        network(image)
+        activations = recorder.activations
+        # Head weight = mean activation inside the patch minus outside: class 1 "sees" the patch.
+        inside = activations[0, :, 2:4, 2:4].mean(dim=(1, 2))
+        outside = activations[0, :, :2, :2].mean(dim=(1, 2))
+        head = torch.stack([outside - inside, inside - outside])
+    cam = class_activation_maps(activations, head, torch.tensor([1]))[0]
+    assert cam[2:, 2:].mean() > cam[:2, :2].mean()
+    assert cam.max() == pytest.approx(1.0)
