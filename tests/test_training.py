@@ -1,0 +1,162 @@
+"""End-to-end tests of the training, evaluation and export scripts on a synthetic ImageFolder."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import CLASS_NAMES, REPO_ROOT
+from model.checkpoint import load_checkpoint
+
+PYTHON = sys.executable
+TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "16",
+              "--workers", "0", "--no-progress", "--threads", "1"]
+
+
+def run_script(script, *arguments, check=True, env=None):
+    """Run a script from scripts/ as a user would; return the completed process."""
+    completed = subprocess.run(
+        [PYTHON, str(REPO_ROOT / "scripts" / script), *map(str, arguments)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    """One short real training run shared by the tests below."""
+    output = tmp_path_factory.mktemp("run")
+    run_script("train.py", "--data", image_folder, "--output-dir", output, "--epochs", "4", "--recipe", "tutorial",
+               *TRAIN_ARGS)
+    return output
+
+
+def test_training_writes_a_plain_torchvision_checkpoint(trained):
+    checkpoint = torch.load(trained / "best.pt", weights_only=True)
+    assert checkpoint["class_names"] == CLASS_NAMES
+    assert checkpoint["arch"] == "resnet18"
+    assert checkpoint["transform"]["image_size"] == 64
+    assert checkpoint["data"]["train_counts"] == {name: 24 for name in CLASS_NAMES}
+    assert "optimizer" not in checkpoint and checkpoint["val_metrics"]["n"] == 24
+    torchvision.models.resnet18(num_classes=3).load_state_dict(checkpoint["state_dict"])
+    with open(trained / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    assert sum(int(row["is_best"]) for row in rows) >= 1
+
+
+def test_evaluate_writes_metrics_well_above_chance(trained, image_folder, tmp_path):
+    run_script("evaluate.py", "--checkpoint", trained / "best.pt", "--data", image_folder / "test",
+               "--output-dir", tmp_path, "--workers", "0", "--no-progress")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "ece", "n"} <= metrics.keys()
+    assert set(metrics["per_class"]["COVID"]) >= {"sensitivity", "specificity", "ppv", "f1", "auc"}
+    assert metrics["n"] == 24
+    assert metrics["accuracy"] > 0.6  # chance is 1/3
+    for plot in ("confusion_matrix.png", "roc.png", "reliability.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_resume_continues_from_last(trained, image_folder, tmp_path):
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    completed = run_script("train.py", "--data", image_folder, "--output-dir", resumed, "--epochs", "5",
+                           "--recipe", "tutorial", "--resume", resumed / "last.pt", *TRAIN_ARGS)
+    assert "resumed from" in completed.stderr
+    with open(resumed / "metrics.csv") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2, 3, 4]
+    assert load_checkpoint(resumed / "last.pt")["epoch"] == 4
+
+
+def test_export_half_preserves_metadata(trained, tmp_path):
+    completed = run_script("export.py", "--checkpoint", trained / "last.pt", "--output", tmp_path / "served.pt",
+                           "--half", "--model-version", "1.2.3")
+    assert "sha256" in completed.stdout
+    exported = torch.load(tmp_path / "served.pt", weights_only=True)
+    original = torch.load(trained / "last.pt", weights_only=True)
+    assert "optimizer" not in exported and exported["model_version"] == "1.2.3"
+    assert exported["class_names"] == original["class_names"] and exported["transform"] == original["transform"]
+    assert (tmp_path / "served.pt").stat().st_size < 0.6 * (trained / "best.pt").stat().st_size
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    from model.metrics import compute_metrics
+
+    targets = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predicted = np.array([0, 0, 1, 1, 2, 2, 2, 2, 0])
+    probabilities = np.full((9, 3), 0.1)
+    probabilities[np.arange(9), predicted] = 0.8
+    metrics = compute_metrics(targets, probabilities, CLASS_NAMES)
+    assert metrics["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [1, 0, 3]]
+    assert metrics["accuracy"] == pytest.approx(6 / 9)
+    covid = metrics["per_class"]["COVID"]
+    assert covid["sensitivity"] == pytest.approx(2 / 3)
+    assert covid["specificity"] == pytest.approx(5 / 6)
+    assert covid["ppv"] == pytest.approx(2 / 3)
+    assert metrics["per_class"]["PNEUMONIA"]["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    assert metrics["ece"] == pytest.approx(abs(6 / 9 - 0.8))
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_gloo(image_folder, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(REPO_ROOT / "scripts" / "train.py"), "--data", str(image_folder), "--output-dir", str(tmp_path),
+         "--epochs", "2", *TRAIN_ARGS],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "rank 1 of 2" in completed.stderr
+    with open(tmp_path / "metrics.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2  # written once, by rank 0
+    assert load_checkpoint(tmp_path / "best.pt")["arch"] == "resnet18"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_data", "data folder not found"),
+        ("missing_class", "expected ['COVID', 'NORMAL', 'PNEUMONIA']"),
+        ("bad_weights", "no such file"),
+        ("bad_resume", "not a readable CovidScan checkpoint"),
+    ],
+)
+def test_training_errors_are_clear(case, message, image_folder, tmp_path):
+    import shutil
+
+    data, extra = image_folder, []
+    if case == "missing_data":
+        data = tmp_path / "nowhere"
+    elif case == "missing_class":
+        data = tmp_path / "data"
+        shutil.copytree(image_folder, data)
+        shutil.rmtree(data / "val" / "PNEUMONIA")
+    elif case == "bad_weights":
+        extra = ["--weights", tmp_path / "missing.pth"]
+    elif case == "bad_resume":
+        (tmp_path / "last.pt").write_text("garbage")
+        extra = ["--resume", tmp_path / "last.pt"]
+    arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
+    completed = run_script("train.py", *arguments, check=False)
+    assert completed.returncode != 0
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_evaluate_reports_bad_checkpoint(image_folder, tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
+    completed = run_script("evaluate.py", "--checkpoint", tmp_path / "bad.pt", "--data", image_folder / "test",
+                           check=False)
+    assert completed.returncode != 0 and "not a readable CovidScan checkpoint" in completed.stderr
+    assert "Traceback" not in completed.stderr
