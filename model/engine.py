@@ -49,16 +49,33 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
 
 
 @torch.inference_mode()
-def predict_logits(network, loader, device, *, channels_last=False, progress=False, description="eval"):
-    """Run ``network`` over ``loader``; return (logits, targets) as numpy arrays."""
+def predict_logits(network, loader, device, *, channels_last=False, progress=False, description="eval",
+                   with_features=False):
+    """Run ``network`` over ``loader``; return (logits, targets) as numpy arrays.
+
+    With ``with_features`` also return the pooled penultimate features (the input of ``fc``):
+    (logits, features, targets).
+    """
     network.eval()
-    all_logits, all_targets = [], []
-    for images, targets in tqdm(loader, desc=description, leave=False, disable=not progress):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        all_logits.append(network(images).float().cpu())
-        all_targets.append(targets)
-    if not all_logits:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros((0,), dtype=np.int64)
-    return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
+    all_logits, all_features, all_targets = [], [], []
+    handle = None
+    if with_features:
+        handle = network.avgpool.register_forward_hook(
+            lambda module, inputs, output: all_features.append(output.flatten(1).float().cpu())
+        )
+    try:
+        for images, targets in tqdm(loader, desc=description, leave=False, disable=not progress):
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            all_logits.append(network(images).float().cpu())
+            all_targets.append(targets)
+    finally:
+        if handle is not None:
+            handle.remove()
+    logits = torch.cat(all_logits).numpy() if all_logits else np.zeros((0, 0), dtype=np.float32)
+    targets = torch.cat(all_targets).numpy() if all_targets else np.zeros((0,), dtype=np.int64)
+    if with_features:
+        features = torch.cat(all_features).numpy() if all_features else np.zeros((0, 0), dtype=np.float32)
+        return logits, features, targets
+    return logits, targets

@@ -28,13 +28,29 @@ def split_logits(checkpoint, data_dir, *, batch_size=32, workers=2, device="cpu"
 
     Returns (logits, targets, image paths).
     """
+    logits, _, targets, paths = split_outputs(
+        checkpoint, data_dir, batch_size=batch_size, workers=workers, device=device, progress=progress
+    )
+    return logits, targets, paths
+
+
+def split_outputs(checkpoint, data_dir, *, batch_size=32, workers=2, device="cpu", progress=False,
+                  with_features=False):
+    """Like ``split_logits`` but also returns pooled features (None unless ``with_features``).
+
+    Returns (logits, features, targets, image paths).
+    """
     dataset = make_image_folder(
         data_dir, build_eval_transform(checkpoint["transform"]), class_names=checkpoint["class_names"]
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     network = build_model_from_checkpoint(checkpoint).to(device)
-    logits, targets = predict_logits(network, loader, torch.device(device), progress=progress)
-    return logits, targets, [path for path, _ in dataset.samples]
+    outputs = predict_logits(
+        network, loader, torch.device(device), progress=progress, description=Path(data_dir).name,
+        with_features=with_features,
+    )
+    logits, features, targets = outputs if with_features else (outputs[0], None, outputs[1])
+    return logits, features, targets, [path for path, _ in dataset.samples]
 
 
 def evaluate_checkpoint(checkpoint_path, data_dir, output_dir, *, batch_size=32, workers=2, device="cpu",
