@@ -11,6 +11,7 @@ from PIL import Image
 
 from model.cam import ActivationRecorder, cam_to_image_space, class_activation_maps, overlay_heatmap
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
+from model.ood import mahalanobis_score
 from model.transforms import build_eval_transform, decode_image
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Prediction:
     heatmap: Image.Image | None = None  # RGB overlay on the (downscaled) input image
     elapsed_ms: float = 0.0
     warnings: list = dataclasses.field(default_factory=list)
+    ood: dict | None = None  # {"flagged", "score", "threshold"} when the checkpoint has OOD statistics
 
 
 class Predictor:
@@ -38,6 +40,7 @@ class Predictor:
         self.transform_params = checkpoint["transform"]
         self.transform = build_eval_transform(self.transform_params)
         self.temperature = float(checkpoint.get("temperature", 1.0))
+        self.ood_statistics = checkpoint.get("ood")
         self.device = torch.device(device)
         self.network = build_model_from_checkpoint(checkpoint).to(self.device)
         self.recorder = ActivationRecorder(self.network)
@@ -99,7 +102,14 @@ class Predictor:
             probabilities={name: float(p) for name, p in zip(self.class_names, probabilities.tolist())},
             heatmap=heatmap,
             elapsed_ms=(time.perf_counter() - start) * 1000.0,
+            ood=self.ood_check(activations.mean(dim=(2, 3)))[0] if self.ood_statistics else None,
         )
+
+    def ood_check(self, pooled_features):
+        """OOD verdicts for a batch of pooled penultimate features (the input of ``fc``)."""
+        threshold = float(self.ood_statistics["threshold"])
+        scores = mahalanobis_score(self.ood_statistics, pooled_features)
+        return [{"flagged": bool(score > threshold), "score": float(score), "threshold": threshold} for score in scores]
 
 
 def _display_copy(image):
