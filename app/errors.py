@@ -1,0 +1,94 @@
+"""Error handlers, registered once: JSON for the API (or clients that prefer it), HTML pages otherwise."""
+
+import logging
+import uuid
+
+from flask import current_app, g, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from app.forms import human_size
+from app.views import render_upload_page
+from model.errors import InvalidImageError
+
+logger = logging.getLogger(__name__)
+
+CSRF_MESSAGE = "The form's security token is missing or has expired; please reload the page and try again."
+SERVER_ERROR_MESSAGE = "Something went wrong on our side; the error has been logged."
+# Headers of werkzeug's own error responses worth keeping (e.g. Allow on 405).
+KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
+
+
+def request_id():
+    """A fresh id for the current request, sent as ``X-Request-ID`` and shown on error pages."""
+    if "request_id" not in g:
+        g.request_id = uuid.uuid4().hex
+    return g.request_id
+
+
+def wants_json():
+    """True for API paths and endpoints and for clients that prefer JSON to HTML."""
+    if request.path.startswith("/api/") or request.blueprint == "api":
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def register_error_handlers(app):
+    """Map domain errors and HTTP errors to status codes and pages, once for the whole app."""
+    app.register_error_handler(InvalidImageError, handle_invalid_image)
+    app.register_error_handler(CSRFError, handle_csrf_error)
+    app.register_error_handler(RequestEntityTooLarge, handle_too_large)
+    app.register_error_handler(HTTPException, handle_http_error)
+    app.register_error_handler(Exception, handle_unexpected_error)
+
+
+def handle_invalid_image(error):
+    """400 for a damaged or absurd image, 415 for a wrong type; the form comes back with the reason."""
+    return upload_refused(str(error), error.status_code)
+
+
+def handle_csrf_error(error):
+    """400: a form post without a valid CSRF token."""
+    return upload_refused(CSRF_MESSAGE, 400)
+
+
+def handle_too_large(error):
+    """413: the request is larger than MAX_CONTENT_LENGTH (werkzeug stops reading it)."""
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    message = f"The upload is larger than the {human_size(limit)} limit." if limit else "The upload is too large."
+    return upload_refused(message, 413)
+
+
+def handle_http_error(error):
+    """Any other HTTP error (404, 405, ...) with its own code and description."""
+    if error.code is not None and error.code >= 500:
+        logger.error("HTTP %s on %s %s (request %s)", error.code, request.method, request.path, request_id())
+    headers = [(name, value) for name, value in error.get_headers() if name in KEPT_HEADERS]
+    if wants_json():
+        response = jsonify({"error": error.description})
+    else:
+        response = render_template(
+            "error.html", title=error.name, message=error.description, request_id=request_id()
+        )
+    return response, error.code or 500, headers
+
+
+def handle_unexpected_error(error):
+    """Log the exception with the request id; answer a clean 500 (never a stack trace)."""
+    logger.exception(
+        "Unhandled %s on %s %s (request %s)", type(error).__name__, request.method, request.path, request_id()
+    )
+    if wants_json():
+        return jsonify({"error": SERVER_ERROR_MESSAGE, "request_id": request_id()}), 500
+    page = render_template(
+        "error.html", title="Internal Server Error", message=SERVER_ERROR_MESSAGE, request_id=request_id()
+    )
+    return page, 500
+
+
+def upload_refused(message, status):
+    """Refused upload: JSON ``{"error": ...}`` for the API, the upload form with the reason otherwise."""
+    if wants_json():
+        return jsonify({"error": message}), status
+    return render_upload_page(error=message), status

@@ -1,0 +1,39 @@
+"""gunicorn settings for CovidScan: ``gunicorn -c gunicorn.conf.py wsgi:app`` (CLI flags and GUNICORN_CMD_ARGS win)."""
+
+import os
+
+# The master loads the model before forking (preload_app). OpenMP is not fork-safe: if the master ran torch
+# with a thread pool, workers can hang on their first forward pass (seen as WORKER TIMEOUT). So the master
+# stays single-threaded, and each worker picks its own thread count in post_fork.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+wsgi_app = "wsgi:app"
+bind = os.environ.get("COVIDSCAN_BIND") or f"127.0.0.1:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("COVIDSCAN_WORKERS") or os.environ.get("WEB_CONCURRENCY") or 2)
+worker_class = "sync"
+threads = 1
+timeout = 120
+graceful_timeout = 30
+preload_app = True  # one copy of the model in the master; workers share its memory pages
+accesslog = "-"
+
+
+def post_fork(server, worker):
+    """Give each worker its share of the CPU cores for torch (COVIDSCAN_TORCH_THREADS overrides)."""
+    requested = int(os.environ.get("COVIDSCAN_TORCH_THREADS") or 0)
+    torch_threads = requested or max(1, _cpu_count() // max(1, server.cfg.workers))
+    torch.set_num_threads(torch_threads)
+    server.log.info("worker %s uses %d torch thread(s)", worker.pid, torch_threads)
+
+
+def _cpu_count():
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
