@@ -13,7 +13,8 @@ from model.transforms import decode_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# DICOM files are recognised by content in decode_image; the suffix only lets ImageFolder list them.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 
 
 def load_image(path):

@@ -12,7 +12,7 @@ from PIL import Image
 from model.cam import ActivationRecorder, cam_to_image_space, class_activation_maps, overlay_heatmap
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
 from model.ood import mahalanobis_score
-from model.transforms import build_eval_transform, decode_image
+from model.transforms import build_eval_transform, decode_upload
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Prediction:
     heatmap: Image.Image | None = None  # RGB overlay on the (downscaled) input image
     elapsed_ms: float = 0.0
     warnings: list = dataclasses.field(default_factory=list)
+    metadata: dict = dataclasses.field(default_factory=dict)  # technical facts about the upload, never patient data
     ood: dict | None = None  # {"flagged", "score", "threshold"} when the checkpoint has OOD statistics
 
 
@@ -80,10 +81,13 @@ class Predictor:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def predict_bytes(self, data, *, with_heatmap=True):
-        """Decode uploaded bytes (``InvalidImageError`` on bad input) and predict."""
+        """Decode uploaded bytes (``InvalidImageError`` on bad input) and predict, keeping the decoder's notes."""
         start = time.perf_counter()
-        image = decode_image(data)
-        return self.predict_image(image, with_heatmap=with_heatmap, start=start)
+        decoded = decode_upload(data)
+        prediction = self.predict_image(decoded.image, with_heatmap=with_heatmap, start=start)
+        prediction.warnings.extend(decoded.warnings)
+        prediction.metadata = dict(decoded.metadata)
+        return prediction
 
     def predict_image(self, image, *, with_heatmap=True, start=None):
         """Predict one decoded grayscale image."""

@@ -1,4 +1,4 @@
-"""Build the 3-class chest X-ray training set from public sources, split by patient."""
+"""Build the 3-class chest X-ray training set from public sources (images and DICOM), split by patient."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from model.errors import DataError
+from model.errors import DataError, InvalidImageError
+from model.transforms import decode_image, looks_like_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,24 @@ MANIFEST_COLUMNS = (
 )
 
 # Source tags, in order of preference when the same image appears in several sources:
-# the collection copy carries per-image metadata, Kermany carries patient ids, extras carry neither.
+# the collection copy carries per-image metadata, Kermany and RSNA carry patient ids, extras carry neither.
 COLLECTION_SOURCE = "cohen"
 KERMANY_SOURCE = "kermany"
+RSNA_SOURCE = "rsna"
 EXTRA_SOURCE = "extra"
-SOURCE_PREFERENCE = (COLLECTION_SOURCE, KERMANY_SOURCE, EXTRA_SOURCE)
+SOURCE_PREFERENCE = (COLLECTION_SOURCE, KERMANY_SOURCE, RSNA_SOURCE, EXTRA_SOURCE)
 
 KERMANY_LICENSE = "CC BY 4.0"
 KERMANY_CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-# Suffixes the training data loader reads (model.data); anything else is re-encoded as PNG when copying.
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".dcm")
+# Suffixes copied byte for byte; anything else, DICOM included, is decoded and written as PNG.
 IMAGE_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# RSNA Pneumonia Detection Challenge (stage 2): one DICOM per patientId, several CSV rows per patient.
+RSNA_IMAGES_DIR = "stage_2_train_images"
+RSNA_CLASS_INFO = "stage_2_detailed_class_info.csv"
+RSNA_LABELS = {"Normal": "NORMAL", "Lung Opacity": "PNEUMONIA"}  # "No Lung Opacity / Not Normal" is left out
+RSNA_LICENSE = "RSNA Pneumonia Detection Challenge terms"
 
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP SUPINE", "AP SEMI ERECT", "AP ERECT"})
 COVID_MARKERS = ("covid-19", "covid19", "sars-cov-2")
@@ -83,8 +91,10 @@ JPEG_QUALITY = 95
 _KERMANY_PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
 _KERMANY_IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE_FILE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# InvalidImageError: a DICOM the upload decoder refuses (damaged, CT, multi-frame, no decoder plugin).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, InvalidImageError)
 
 
 class DataPreparationError(DataError):
@@ -334,6 +344,65 @@ def read_extra(label: str, directory: Path) -> SourceScan:
     return scan
 
 
+def read_rsna(directory: Path) -> SourceScan:
+    """Read the RSNA Pneumonia Detection Challenge: stage 2 training DICOMs and their detailed class info."""
+    directory = Path(directory)
+    class_info = directory / RSNA_CLASS_INFO
+    images = directory / RSNA_IMAGES_DIR
+    if not class_info.is_file() or not images.is_dir():
+        raise DataPreparationError(
+            f"RSNA folder {directory} does not have the expected layout {RSNA_CLASS_INFO} and {RSNA_IMAGES_DIR}/*.dcm"
+        )
+    classes: dict[str, set[str]] = defaultdict(set)
+    with class_info.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"patientId", "class"} - {(name or "").strip() for name in reader.fieldnames or ()}
+        if missing:
+            raise DataPreparationError(f"{class_info} lacks the column(s) {', '.join(sorted(missing))}")
+        for raw_row in reader:
+            row = {key.strip(): (value or "").strip() for key, value in raw_row.items() if key is not None}
+            if row.get("patientId"):
+                # One row per opacity box: a patient with three boxes has three identical rows.
+                classes[row["patientId"]].add(row.get("class", ""))
+    scan = SourceScan()
+    for patient in sorted(classes):
+        candidate, reason = _rsna_candidate(images, patient, classes[patient])
+        if candidate is None:
+            scan.exclusions[f"{RSNA_SOURCE}: {reason}"] += 1
+        else:
+            scan.candidates.append(candidate)
+    logger.info("RSNA: %d usable patients in %s", len(scan.candidates), class_info)
+    return scan
+
+
+def _rsna_candidate(images: Path, patient: str, classes: set[str]) -> tuple[Candidate | None, str]:
+    """Turn one RSNA patientId and its classes into a candidate, or give the reason it is left out."""
+    if len(classes) > 1:
+        return None, "conflicting classes for one patientId"
+    (original_label,) = classes
+    label = RSNA_LABELS.get(original_label)
+    if label is None:
+        return None, f"class {original_label or '(empty)'}"
+    # The patientId names the file (and equals the DICOM's PatientID); refuse ids that would leave the folder.
+    if not _SAFE_FILE_STEM.match(patient):
+        return None, "patientId is not a plain file name"
+    path = images / f"{patient}.dcm"
+    if not path.is_file():
+        return None, "image file missing"
+    return (
+        Candidate(
+            source=RSNA_SOURCE,
+            path=path,
+            source_path=f"{RSNA_IMAGES_DIR}/{path.name}",
+            label=label,
+            patient_id=f"{RSNA_SOURCE}:{patient}",
+            original_label=original_label,
+            license=RSNA_LICENSE,
+        ),
+        "",
+    )
+
+
 def _image_files(directory: Path, recursive: bool) -> list[Path]:
     """List image files in a folder, sorted, skipping hidden files such as macOS ``._`` forks."""
     pattern = "**/*" if recursive else "*"
@@ -364,17 +433,38 @@ def difference_hash(path: Path, hash_size: int = HASH_SIZE) -> np.ndarray:
 
 def _hash_and_size(path: Path, hash_size: int = HASH_SIZE) -> tuple[np.ndarray, int]:
     """Return an image file's difference hash and its full-resolution pixel count."""
-    with Image.open(path) as image:
-        width, height = image.size
-        # Decoding JPEGs at reduced scale is much faster and still reads the whole file,
-        # so truncated files fail here as they would in training.
-        image.draft("L", (hash_size * 8, hash_size * 8))
-        image.load()
-        grayscale = to_grayscale(image)
+    if is_dicom_file(path):
+        # Hashed as the model will see it: windowed, MONOCHROME1 inverted, 8-bit.
+        grayscale = decode_image(Path(path).read_bytes())
+        width, height = grayscale.size
+    else:
+        with Image.open(path) as image:
+            width, height = image.size
+            # Decoding JPEGs at reduced scale is much faster and still reads the whole file,
+            # so truncated files fail here as they would in training.
+            image.draft("L", (hash_size * 8, hash_size * 8))
+            image.load()
+            grayscale = to_grayscale(image)
     thumbnail = np.asarray(
         grayscale.resize((hash_size + 1, hash_size), Image.Resampling.LANCZOS), dtype=np.int16
     )
     return np.packbits(thumbnail[:, 1:] > thumbnail[:, :-1]), width * height
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Tell whether a file is DICOM Part 10 by its content (preamble and ``DICM``), not its name."""
+    with Path(path).open("rb") as handle:
+        return looks_like_dicom(handle.read(132))
+
+
+def decode_grayscale(path: Path) -> tuple[Image.Image, str]:
+    """Decode a source file to 8-bit grayscale and name its format; DICOM goes through the upload decoder."""
+    if is_dicom_file(path):
+        return decode_image(Path(path).read_bytes()), "DICOM"
+    with Image.open(path) as image:
+        image_format = image.format
+        image.load()
+        return to_grayscale(image), image_format
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
@@ -572,15 +662,12 @@ def _output_name(candidate: Candidate, suffix: str, used: set[str]) -> str:
 def _write_image(candidate: Candidate, destination_dir: Path, max_side: int | None, used: set[str]) -> Path | None:
     """Copy or re-encode one image into destination_dir; return the written path, or None if undecodable."""
     suffix = candidate.path.suffix.lower()
-    if max_side is None and suffix in IMAGE_FOLDER_SUFFIXES:
+    if max_side is None and suffix in IMAGE_FOLDER_SUFFIXES and not is_dicom_file(candidate.path):
         destination = destination_dir / _output_name(candidate, suffix, used)
         shutil.copyfile(candidate.path, destination)
         return destination
     try:
-        with Image.open(candidate.path) as image:
-            image_format = image.format
-            image.load()
-            grayscale = to_grayscale(image)
+        grayscale, image_format = decode_grayscale(candidate.path)
     except _IMAGE_ERRORS as error:
         logger.warning("skipping unreadable %s image %s (%s)", candidate.source, candidate.path, error)
         return None
@@ -617,18 +704,19 @@ def prepare_dataset(
     force: bool = False,
     max_hamming: int = DEFAULT_MAX_HAMMING,
     workers: int = 4,
+    rsna_dir: Path | None = None,
 ) -> PreparationReport:
     """Read the sources, de-duplicate, split by patient and write the ImageFolder and MANIFEST.csv."""
     extras = list(extras or [])
-    if kermany_dir is None and covid_collection_dir is None and not extras:
-        raise DataPreparationError("give at least one source: --kermany, --covid-collection or --extra")
+    if kermany_dir is None and covid_collection_dir is None and rsna_dir is None and not extras:
+        raise DataPreparationError("give at least one source: --kermany, --covid-collection, --rsna or --extra")
     _check_fractions(val_fraction, test_fraction)
     if max_side is not None and max_side < 1:
         raise DataPreparationError("--max-side must be a positive number of pixels")
     if max_hamming < 0:
         raise DataPreparationError("--max-hamming must not be negative")
     output_dir = Path(output_dir)
-    source_dirs = [path for path in (kermany_dir, covid_collection_dir) if path is not None]
+    source_dirs = [path for path in (kermany_dir, covid_collection_dir, rsna_dir) if path is not None]
     source_dirs += [folder for _, folder in extras]
     check_output_dir(output_dir, force, source_dirs)
 
@@ -637,6 +725,8 @@ def prepare_dataset(
         scans.append(read_covid_collection(covid_collection_dir))
     if kermany_dir is not None:
         scans.append(read_kermany(kermany_dir))
+    if rsna_dir is not None:
+        scans.append(read_rsna(rsna_dir))
     scans.extend(read_extra(label, folder) for label, folder in extras)
 
     report = PreparationReport(output_dir=output_dir)

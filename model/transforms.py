@@ -1,5 +1,6 @@
 """Image decoding and the train / eval transform presets (eval parameters travel in the checkpoint)."""
 
+import dataclasses
 import io
 import logging
 import random
@@ -30,12 +31,24 @@ RESIZE_MODES = ("squash", "letterbox")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def decode_image(data, *, max_pixels=MAX_PIXELS):
-    """Decode uploaded bytes into an 8-bit grayscale ``PIL.Image`` ("L"), or raise ``InvalidImageError``."""
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """An upload decoded for the model, with technical facts about the file and warnings for the reader."""
+
+    image: Image.Image  # 8-bit grayscale ("L")
+    metadata: dict  # format, rows, columns; for DICOM also technical header fields, never patient data
+    warnings: list  # plain sentences to show next to the result, e.g. a lateral view
+
+
+def decode_upload(data, *, max_pixels=MAX_PIXELS):
+    """Decode uploaded bytes (PNG, JPEG or DICOM) into a ``DecodedImage``, or raise ``InvalidImageError``."""
     if not data:
         raise InvalidImageError("The file is empty.")
-    if _looks_like_dicom(data):
-        raise UnsupportedImageError("DICOM files are not supported yet; please upload a PNG or JPEG export.")
+    if looks_like_dicom(data):
+        # Imported on first use: model.dicom builds on this module, and only DICOM uploads need pydicom.
+        from model.dicom import decode_dicom
+
+        return decode_dicom(data, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -51,11 +64,18 @@ def decode_image(data, *, max_pixels=MAX_PIXELS):
         raise UnsupportedImageError("The file is not a PNG or JPEG image.") from error
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
         raise InvalidImageError("The image is damaged or truncated and cannot be read.") from error
-    return to_grayscale(image)
+    grayscale = to_grayscale(image)
+    metadata = {"format": image_format, "rows": grayscale.height, "columns": grayscale.width}
+    return DecodedImage(grayscale, metadata, [])
 
 
-def _looks_like_dicom(data):
-    """True for DICOM Part 10 files (128-byte preamble then ``DICM``)."""
+def decode_image(data, *, max_pixels=MAX_PIXELS):
+    """Decode uploaded bytes into an 8-bit grayscale ``PIL.Image`` ("L"), or raise ``InvalidImageError``."""
+    return decode_upload(data, max_pixels=max_pixels).image
+
+
+def looks_like_dicom(data):
+    """True for DICOM Part 10 files (128-byte preamble then ``DICM``), whatever their name."""
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
@@ -63,7 +83,13 @@ def _check_header(image, image_format, max_pixels):
     """Refuse wrong formats and absurd sizes before any pixel is decoded."""
     if image_format not in ACCEPTED_FORMATS:
         raise UnsupportedImageError(f"{image_format or 'This'} images are not accepted; please upload a PNG or JPEG.")
-    width, height = image.size
+    check_image_size(*image.size, max_pixels=max_pixels)
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidImageError("Animated or multi-frame images are not accepted; please upload a single image.")
+
+
+def check_image_size(width, height, *, max_pixels=MAX_PIXELS):
+    """Refuse absurd image sizes (bombs, slivers, thumbnails) from the header alone."""
     if width * height > max_pixels:
         raise InvalidImageError(
             f"The image has too many pixels ({width}x{height}); at most {max_pixels // 1_000_000} megapixels are accepted."
@@ -72,8 +98,6 @@ def _check_header(image, image_format, max_pixels):
         raise InvalidImageError(f"The image is {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels.")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise InvalidImageError(f"The image is {width}x{height} pixels; that is not the shape of a chest X-ray.")
-    if getattr(image, "n_frames", 1) > 1:
-        raise InvalidImageError("Animated or multi-frame images are not accepted; please upload a single image.")
 
 
 def to_grayscale(image):

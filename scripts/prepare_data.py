@@ -26,6 +26,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--covid-collection", type=Path, help="COVID-19 image data collection folder (metadata.csv, images/)"
     )
     parser.add_argument(
+        "--rsna",
+        type=Path,
+        help="RSNA Pneumonia Detection Challenge folder (stage_2_detailed_class_info.csv, stage_2_train_images/)",
+    )
+    parser.add_argument(
         "--extra",
         action="append",
         default=[],
@@ -74,6 +79,7 @@ def main(args: argparse.Namespace) -> None:
             force=args.force,
             max_hamming=args.max_hamming,
             workers=args.workers,
+            rsna_dir=args.rsna,
         )
     except DataPreparationError as error:
         print(f"error: {error}", file=sys.stderr)

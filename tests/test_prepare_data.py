@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from model.preparation import (
     MANIFEST_COLUMNS,
+    RSNA_LICENSE,
     Candidate,
     DataPreparationError,
     deduplicate,
@@ -23,8 +26,10 @@ from model.preparation import (
     prepare_dataset,
     read_covid_collection,
     read_kermany,
+    read_rsna,
     split_patient_groups,
 )
+from model.transforms import decode_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"
@@ -465,6 +470,7 @@ def test_cli_writes_dataset_and_summary(tmp_path, kermany_dir, covid_dir):
         ("--kermany", "{bad}"),
         ("--covid-collection", "{bad}"),
         ("--extra", "TB={bad}"),
+        ("--rsna", "{bad}"),
         (),
     ],
 )
@@ -476,3 +482,151 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, arguments):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", modality="CR") -> Path:
+    """Write a single-frame grayscale DICOM file (8- or 16-bit), as the RSNA challenge ships its images."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.PatientID = path.stem
+    dataset.Modality, dataset.ViewPosition = modality, "PA"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated = dataset.BitsStored = pixels.dtype.itemsize * 8
+    dataset.HighBit, dataset.PixelRepresentation = dataset.BitsStored - 1, 0
+    dataset.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def rsna_dir(tmp_path, covid_dir) -> Path:
+    """A miniature RSNA Pneumonia Detection Challenge download (stage 2 training set)."""
+    root = tmp_path / "rsna-pneumonia-detection-challenge"
+    images = root / "stage_2_train_images"
+    rows = [
+        ("normal-1", "Normal"),
+        ("opacity-1", "Lung Opacity"),
+        ("opacity-1", "Lung Opacity"),  # one row per opacity box
+        ("opacity-2", "Lung Opacity"),
+        ("other-1", "No Lung Opacity / Not Normal"),
+        ("other-2", "No Lung Opacity / Not Normal"),
+        ("missing-1", "Normal"),
+        ("copy-of-normal-1", "Normal"),
+        ("ct-1", "Normal"),
+        ("conflict-1", "Normal"),
+        ("conflict-1", "Lung Opacity"),
+        ("../escape", "Normal"),
+        ("cohen-normal", "Normal"),
+    ]
+    for seed, stem in enumerate(("normal-1", "opacity-1", "other-1", "other-2", "conflict-1"), start=700):
+        write_dicom(images / f"{stem}.dcm", np.asarray(smooth_image(seed)))
+    write_dicom(images / "copy-of-normal-1.dcm", np.asarray(smooth_image(700)))
+    # 16-bit MONOCHROME1 without a window: decoded with a percentile window, then inverted.
+    write_dicom(images / "opacity-2.dcm", (65535 - np.asarray(smooth_image(705), np.uint16) * 200), "MONOCHROME1")
+    write_dicom(images / "ct-1.dcm", np.asarray(smooth_image(706)), modality="CT")
+    # The film of the collection's normal.png, stored inverted: only a hash of the decoded image matches it.
+    with Image.open(covid_dir / "images" / "normal.png") as image:
+        write_dicom(images / "cohen-normal.dcm", 255 - np.asarray(image.convert("L")), "MONOCHROME1")
+    write_dicom(root / "escape.dcm", np.asarray(smooth_image(707)))
+    with (root / "stage_2_detailed_class_info.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patientId", "class"])
+        writer.writerows(rows)
+    return root
+
+
+def test_read_rsna_labels_patients_and_exclusions(rsna_dir):
+    scan = read_rsna(rsna_dir)
+    by_patient = {candidate.patient_id: candidate for candidate in scan.candidates}
+    assert {patient: candidate.label for patient, candidate in by_patient.items()} == {
+        "rsna:cohen-normal": "NORMAL",
+        "rsna:copy-of-normal-1": "NORMAL",
+        "rsna:ct-1": "NORMAL",
+        "rsna:normal-1": "NORMAL",
+        "rsna:opacity-1": "PNEUMONIA",
+        "rsna:opacity-2": "PNEUMONIA",
+    }
+    assert dict(scan.exclusions) == {
+        "rsna: class No Lung Opacity / Not Normal": 2,
+        "rsna: image file missing": 1,
+        "rsna: conflicting classes for one patientId": 1,
+        "rsna: patientId is not a plain file name": 1,
+    }
+    opacity = by_patient["rsna:opacity-1"]
+    assert (opacity.source_path, opacity.original_label, opacity.license) == (
+        "stage_2_train_images/opacity-1.dcm",
+        "Lung Opacity",
+        RSNA_LICENSE,
+    )
+
+
+@pytest.mark.parametrize("layout", ["missing", "no-csv", "no-images", "wrong-columns"])
+def test_read_rsna_rejects_bad_layout(tmp_path, layout):
+    root = tmp_path / "rsna"
+    if layout != "missing":
+        root.mkdir()
+    if layout in ("no-images", "wrong-columns"):
+        (root / "stage_2_detailed_class_info.csv").write_text("patientId,Target\nabc,1\n")
+    if layout in ("no-csv", "wrong-columns"):
+        (root / "stage_2_train_images").mkdir()
+    with pytest.raises(DataPreparationError, match="lacks the column" if layout == "wrong-columns" else "RSNA folder"):
+        read_rsna(root)
+
+
+def test_prepare_dataset_decodes_rsna_dicoms_into_pngs(tmp_path, rsna_dir, covid_dir):
+    output = tmp_path / "out"
+    report = prepare_dataset(output, covid_collection_dir=covid_dir, rsna_dir=rsna_dir, seed=0)
+    rows = read_manifest(output)
+    rsna_rows = {row["patient_id"]: row for row in rows if row["source"] == "rsna"}
+    # Written as PNG, pixel for pixel what the upload decoder makes of the DICOM.
+    for row in rsna_rows.values():
+        assert row["path"].endswith(".png") and row["license"] == RSNA_LICENSE
+        with Image.open(output / row["path"]) as written:
+            decoded = decode_image((rsna_dir / row["source_path"]).read_bytes())
+            np.testing.assert_array_equal(np.asarray(written), np.asarray(decoded))
+    assert rsna_rows["rsna:opacity-2"]["label"] == "PNEUMONIA"
+    assert rsna_rows["rsna:opacity-2"]["original_label"] == "Lung Opacity"
+    # Exact copies inside RSNA: one kept. The inverted DICOM copy of the collection's film: the collection wins.
+    assert len({"rsna:normal-1", "rsna:copy-of-normal-1"} & set(rsna_rows)) == 1
+    assert "rsna:cohen-normal" not in rsna_rows
+    assert any(row["source_path"] == "images/normal.png" for row in rows)
+    assert report.duplicates_removed == 3  # the two pairs above and the collection's own re-encoded copy
+    [(source, path, reason)] = [entry for entry in report.unreadable if entry[0] == "rsna"]
+    assert path == "stage_2_train_images/ct-1.dcm" and "This DICOM is a CT image" in reason
+    assert report.exclusions["rsna: class No Lung Opacity / Not Normal"] == 2
+    assert_no_patient_crosses_splits(rows)
+
+
+def test_prepare_dataset_max_side_applies_to_dicoms(tmp_path, rsna_dir):
+    output = tmp_path / "small"
+    prepare_dataset(output, rsna_dir=rsna_dir, max_side=100)
+    rows = read_manifest(output)
+    assert {row["source"] for row in rows} == {"rsna"}
+    for row in rows:
+        with Image.open(output / row["path"]) as image:
+            assert (image.format, image.mode, max(image.size)) == ("PNG", "L", 100)
+
+
+def test_extra_folders_may_hold_dicom_files(tmp_path):
+    extra = tmp_path / "extra-normal"
+    write_dicom(extra / "a.dcm", np.asarray(smooth_image(800)))
+    save_image(extra / "b.png", 801)
+    output = tmp_path / "out"
+    prepare_dataset(output, extras=[("NORMAL", extra)], val_fraction=0.0, test_fraction=0.0)
+    assert sorted(Path(row["path"]).name for row in read_manifest(output)) == ["extra_a.png", "extra_b.png"]
+
+
+def test_cli_reads_rsna(tmp_path, rsna_dir):
+    output = tmp_path / "cli-rsna"
+    result = run_cli("--rsna", rsna_dir, "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert "rsna: class No Lung Opacity / Not Normal" in result.stdout
+    assert "  rsna    " in result.stdout  # the By source table
+    assert {row["source"] for row in read_manifest(output)} == {"rsna"}
