@@ -90,7 +90,7 @@ def image_sources(paths, manifest, data_root):
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"manifest not found: {manifest} (pass --manifest; the audit needs source_repo per image)")
-    repos_by_path = read_manifest_sources(manifest, data_root)
+    repos_by_path = read_manifest_sources(manifest)
     repos = [repos_by_path.get(str(Path(path).resolve()), UNKNOWN_SOURCE) for path in paths]
     missing = repos.count(UNKNOWN_SOURCE)
     if missing:
@@ -818,9 +818,6 @@ def leave_one_source_out(data_root, output_dir, train_args, *, manifest=None, ho
     """
     from model.training import train  # the project's trainer; imported here to keep the audit import light
 
-    if getattr(train_args, "sampler", "shuffle") == "source":
-        raise DataError("--sampler source is not supported by LOSO: the fold folders are symlinks, and "
-                        "model.data.read_manifest_sources resolves them back to the original split")
     started = time.perf_counter()
     data_root, output_dir = Path(data_root), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -849,7 +846,8 @@ def leave_one_source_out(data_root, output_dir, train_args, *, manifest=None, ho
         config_path.write_text(json.dumps(config, indent=2))
         # "auto" continues an interrupted fold from its last.pt and starts afresh otherwise.
         fold_args = argparse.Namespace(**{**vars(train_args), "data": str(fold_dir / "data"),
-                                          "output_dir": str(fold_dir / "run"), "manifest": None, "resume": "auto"})
+                                          "output_dir": str(fold_dir / "run"), "resume": "auto",
+                                          "manifest": str(manifest or data_root / "MANIFEST.csv")})
         best_path = train(fold_args)
         fold = {
             "class": class_name,

@@ -58,16 +58,15 @@ def inverse_frequency_weights(dataset):
     return weights
 
 
-def read_manifest_sources(manifest_path, data_root):
-    """Map each image path under ``data_root`` to its ``source_repo`` from a MANIFEST.csv."""
-    manifest_path, data_root = Path(manifest_path), Path(data_root).resolve()
+def read_manifest_sources(manifest_path):
+    """Map each image of a MANIFEST.csv (by resolved path, so symlinked copies match) to its ``source_repo``."""
+    manifest_path = Path(manifest_path)
     manifest_root = manifest_path.resolve().parent
-    sources = {}
     with manifest_path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            source = row.get("source_repo") or row.get("source") or "unknown"
-            sources[str((manifest_root / row["path"]).resolve())] = source
-    return {path: source for path, source in sources.items() if path.startswith(str(data_root))}
+        return {
+            str((manifest_root / row["path"]).resolve()): row.get("source_repo") or row.get("source") or "unknown"
+            for row in csv.DictReader(handle)
+        }
 
 
 def source_balanced_weights(dataset, sources):

@@ -103,7 +103,7 @@ def train(args):
         manifest = Path(args.manifest) if args.manifest else data_root / "MANIFEST.csv"
         if not manifest.is_file():
             raise DataError(f"--sampler source needs a MANIFEST.csv with source_repo (looked for {manifest})")
-        weights = source_balanced_weights(train_set, read_manifest_sources(manifest, data_root / "train"))
+        weights = source_balanced_weights(train_set, read_manifest_sources(manifest))
         generator = torch.Generator().manual_seed(args.seed)
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True, generator=generator)
     train_loader = _loader(train_set, args, shuffle=True, sampler=sampler)

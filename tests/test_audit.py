@@ -297,5 +297,3 @@ def test_loso_rerun_reuses_finished_folds_and_refuses_another_configuration(loso
     with pytest.raises(DataError, match="another configuration"):
         audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "epochs": 2}),
                                    min_train_images=6, workers=0)
-    with pytest.raises(DataError, match="--sampler source"):
-        audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "sampler": "source"}))

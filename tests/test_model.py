@@ -110,7 +110,7 @@ def test_decode_applies_exif_orientation():
         ("strip", InvalidImageError, "not the shape"),
         ("bomb", InvalidImageError, "too many pixels"),
         ("large", InvalidImageError, "too many pixels"),
-        (b"\0" * 128 + b"DICM" + b"\0" * 64, UnsupportedImageError, "DICOM"),
+        (b"\0" * 128 + b"DICM" + b"\0" * 64, InvalidImageError, "DICOM"),
     ],
 )
 def test_decode_rejects_bad_input(data, error, message):
