@@ -2,6 +2,8 @@
 
 import io
 
+import matplotlib
+
 import numpy as np
 import torch
 from PIL import Image
@@ -51,8 +53,6 @@ def cam_to_image_space(cam, transform_params, image_size):
 
 def overlay_heatmap(image, heat, *, alpha=0.45, colormap="jet"):
     """Blend a 0..1 heat array (same size as ``image``) onto a grayscale image; return an RGB image."""
-    import matplotlib
-
     colors = matplotlib.colormaps[colormap](heat)[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     weight = alpha * heat[..., None] ** 0.5  # cool regions stay mostly transparent
