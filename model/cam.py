@@ -3,7 +3,6 @@
 import io
 
 import matplotlib
-
 import numpy as np
 import torch
 from PIL import Image
