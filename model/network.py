@@ -23,18 +23,20 @@ IMAGENET_WEIGHTS = {
 }
 
 
-def build_model(arch="resnet152", num_classes=3, weights="none", freeze_backbone=False):
+def build_model(arch="resnet152", num_classes=3, weights="none", freeze_backbone=False, zero_init_residual=False):
     """Return a torchvision ResNet whose ``fc`` head has ``num_classes`` outputs.
 
     ``weights`` is ``"none"`` (random init), ``"imagenet"`` (torchvision's official weights,
     needs internet or a populated torch hub cache) or a path to a local torchvision state dict
     (for air-gapped sites). With ``freeze_backbone`` only the new head is trainable.
+    ``zero_init_residual`` starts each residual branch at zero (Goyal et al. 2017), which lets deep
+    ResNets trained from scratch learn from the first epoch.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     builder = getattr(torchvision.models, arch)
     if weights in (None, "none"):
-        network = builder()
+        network = builder(zero_init_residual=zero_init_residual)
     elif weights == "imagenet":
         weights_enum = getattr(torchvision.models, IMAGENET_WEIGHTS[arch]).IMAGENET1K_V1
         network = builder(weights=weights_enum)

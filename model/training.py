@@ -109,7 +109,10 @@ def train(args):
     train_loader = _loader(train_set, args, shuffle=True, sampler=sampler)
     val_loader = _loader(val_set, args, shuffle=False)
 
-    network = build_model(args.arch, len(class_names), args.weights, freeze_backbone=args.freeze_backbone)
+    network = build_model(
+        args.arch, len(class_names), args.weights,
+        freeze_backbone=args.freeze_backbone, zero_init_residual=getattr(args, "zero_init_residual", False),
+    )
     network.to(device)
     channels_last = args.channels_last
     if channels_last:

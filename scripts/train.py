@@ -20,6 +20,8 @@ def get_args_parser():
     parser.add_argument("--arch", default="resnet152", choices=ARCHITECTURES)
     parser.add_argument("--weights", default="none", help="'none' (from scratch), 'imagenet' or a state-dict path")
     parser.add_argument("--freeze-backbone", action="store_true", help="train only the head (feature extractor)")
+    parser.add_argument("--zero-init-residual", action="store_true",
+                        help="zero-initialise the last BN of each residual block (helps deep nets from scratch)")
     parser.add_argument("--recipe", default="robust", choices=RECIPES,
                         help="'tutorial' = the original recipe; 'robust' = the shortcut-resistant one (default)")
     parser.add_argument("--epochs", type=int, default=30)
