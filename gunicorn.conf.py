@@ -21,6 +21,9 @@ timeout = 120
 graceful_timeout = 30
 preload_app = True  # one copy of the model in the master; workers share its memory pages
 accesslog = "-"
+# X-Forwarded-* headers are believed by the app alone, and only from COVIDSCAN_TRUSTED_PROXIES proxies (ProxyFix);
+# gunicorn's default would take X-Forwarded-Proto from any local process as proof of HTTPS.
+forwarded_allow_ips = ""
 
 
 def post_fork(server, worker):

@@ -1,12 +1,13 @@
 """The CovidScan web application factory."""
 
 import io
+import uuid
 from pathlib import Path
 
-from flask import Flask, Request, current_app, request
+from flask import Flask, Request, current_app, g, request
 from flask_wtf.csrf import CSRFProtect
 
-from app.config import ENV_PREFIX, REPO_ROOT, SECURITY_HEADERS, load_config, model_missing_hint
+from app.config import ENV_PREFIX, HSTS_HEADER, REPO_ROOT, SECURITY_HEADERS, load_config, model_missing_hint
 from model.errors import CheckpointError
 from model.inference import Predictor
 
@@ -19,19 +20,21 @@ def create_app(config=None):
     app.request_class = InMemoryRequest
     app.json.sort_keys = False  # keep the checkpoint's class order in API answers
     load_config(app, config)
+    configure_logging(app)
 
+    from app import api, errors, security, views
+
+    security.init_proxy_fix(app)
+    security.init_access_control(app)  # before CSRF: a stranger is told to sign in, not to reload the form
     csrf.init_app(app)
-
-    from app import api, errors, views
 
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
+    security.init_rate_limiting(app)
 
     errors.register_error_handlers(app)
     register_response_hooks(app)
-
-    configure_logging(app)
 
     app.extensions["predictor"] = load_predictor(app)
     return app
@@ -52,7 +55,14 @@ def configure_logging(app):
 def load_predictor(app):
     """Load the checkpoint named by MODEL_PATH, or stop start-up with a message that says what to do."""
     path = Path(app.config["MODEL_PATH"])
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as error:  # e.g. a folder on the way that this user may not enter
+        raise RuntimeError(
+            f"CovidScan cannot start: cannot read the model checkpoint {path} ({error.strerror}); "
+            "the user running CovidScan needs read access to the file and its folders."
+        ) from error
+    if not is_file:
         raise RuntimeError(f"CovidScan cannot start: no model checkpoint at {path}. {model_missing_hint(path)}")
     try:
         predictor = Predictor.from_path(path, device=app.config["DEVICE"])
@@ -74,15 +84,27 @@ def get_predictor():
     return current_app.extensions["predictor"]
 
 
+def request_id():
+    """A fresh id for the current request, sent as ``X-Request-ID``, shown on error pages and put in log lines."""
+    if "request_id" not in g:
+        g.request_id = uuid.uuid4().hex
+    return g.request_id
+
+
 def register_response_hooks(app):
-    """Security headers and the request id on every response; nothing but static files may be cached."""
-    from app.errors import request_id
+    """Security headers and the request id on every response (and page); nothing but static files may be cached."""
 
     @app.after_request
     def add_headers(response):
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if request.is_secure:
+            response.headers.setdefault("Strict-Transport-Security", HSTS_HEADER)
         response.headers["X-Request-ID"] = request_id()
         if request.endpoint != "static":
             response.headers["Cache-Control"] = "no-store"
         return response
+
+    @app.context_processor
+    def inject_request_id():
+        return {"request_id": request_id()}

@@ -4,10 +4,10 @@ import base64
 import logging
 
 from flask import Blueprint, current_app, jsonify, request
-from werkzeug.exceptions import BadRequest, ServiceUnavailable
+from werkzeug.exceptions import ServiceUnavailable
 
-from app import get_predictor
-from app.forms import read_upload
+from app import get_predictor, request_id
+from app.forms import read_upload, the_upload
 from model.cam import to_png_bytes
 
 logger = logging.getLogger(__name__)
@@ -20,13 +20,11 @@ TRUE_VALUES = ("1", "true", "yes", "on")
 @bp.post("/api/v1/predict")
 def predict():
     """Multipart field ``file`` -> label, probabilities, model, timing, OOD verdict; ``?heatmap=1`` adds a PNG."""
-    upload = request.files.get("file")
-    if upload is None:
-        raise BadRequest("No file was uploaded: send the image as multipart/form-data in a field named 'file'.")
+    upload = the_upload()
     with_heatmap = request.args.get("heatmap", "").lower() in TRUE_VALUES
     predictor = get_predictor()
     prediction = predictor.predict_bytes(read_upload(upload), with_heatmap=with_heatmap)
-    logger.info("prediction %s in %.0f ms (api)", prediction.label, prediction.elapsed_ms)
+    logger.info("prediction %s in %.0f ms (api, request %s)", prediction.label, prediction.elapsed_ms, request_id())
     answer = {
         "label": prediction.label,
         "probabilities": prediction.probabilities,

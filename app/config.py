@@ -1,8 +1,12 @@
 """Configuration: defaults in code, overridden by ``COVIDSCAN_*`` environment variables, then by a dict (tests)."""
 
 import logging
+import os
+import re
 import secrets
 from pathlib import Path
+
+from limits import parse_many
 
 logger = logging.getLogger(__name__)
 
@@ -10,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "COVIDSCAN"
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "default.pt"
 
-# Sent on every response; a later issue hardens these further.
+# Sent on every response (docs/security.md).
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -20,6 +24,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+# Added to responses over HTTPS only (directly, or behind trusted proxies that say so).
+HSTS_HEADER = "max-age=31536000"
 
 
 class Defaults:
@@ -34,6 +40,20 @@ class Defaults:
     LOG_LEVEL = "INFO"
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
+    SECURE_COOKIES = None  # session cookie only over HTTPS; None means on in production, off in development
+    TRUSTED_PROXIES = 0  # reverse proxies in front whose X-Forwarded-For / -Proto headers are believed
+    API_TOKEN_HASHES = ""  # comma-separated SHA-256 hex digests of the accepted API tokens; empty: API open
+    PROXY_USER_HEADER = ""  # e.g. X-Remote-User, set by an authenticating proxy; empty: pages open
+    RATE_LIMIT = "60 per minute"  # per client on the predict routes; "off" disables it
+    RATE_LIMIT_STORAGE_URI = "memory://"  # per process; e.g. redis://host:6379 to share it between workers
+
+
+# Settings read as the raw text of their environment variable: JSON parsing would turn a digest such as
+# "1234e5..." into a number.
+RAW_TEXT_SETTINGS = ("API_TOKEN_HASHES", "PROXY_USER_HEADER", "RATE_LIMIT", "RATE_LIMIT_STORAGE_URI")
+OFF_VALUES = ("", "0", "off", "false", "no", "none")
+ON_VALUES = ("1", "on", "true", "yes")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def load_config(app, overrides=None):
@@ -41,11 +61,25 @@ def load_config(app, overrides=None):
     overrides = dict(overrides or {})
     app.config.from_object(Defaults)
     app.config.from_prefixed_env(ENV_PREFIX)
+    for name in RAW_TEXT_SETTINGS:
+        if f"{ENV_PREFIX}_{name}" in os.environ:
+            app.config[name] = os.environ[f"{ENV_PREFIX}_{name}"]
     app.config.update(overrides)
     if "MAX_CONTENT_LENGTH" not in overrides:
         app.config["MAX_CONTENT_LENGTH"] = _upload_limit_bytes(app.config["MAX_UPLOAD_MB"])
     app.config["MODEL_PATH"] = str(app.config["MODEL_PATH"])
     _ensure_secret_key(app)
+    _refuse_debug_in_production(app)
+    _configure_cookies(app)
+    app.config["TRUSTED_PROXIES"] = _proxy_count(app.config["TRUSTED_PROXIES"])
+    app.config["API_TOKEN_HASHES"] = _token_hashes(app.config["API_TOKEN_HASHES"])
+    app.config["PROXY_USER_HEADER"] = str(app.config["PROXY_USER_HEADER"] or "").strip()
+    app.config["RATE_LIMIT"] = _rate_limit(app.config["RATE_LIMIT"])
+
+
+def is_production(app):
+    """Neither development mode nor tests: the settings a real deployment must get right."""
+    return not (app.config.get("DEV") or app.config.get("TESTING"))
 
 
 def _upload_limit_bytes(megabytes):
@@ -77,6 +111,78 @@ def _ensure_secret_key(app):
         "forms and sessions will not survive a restart.",
         ENV_PREFIX,
     )
+
+
+def _refuse_debug_in_production(app):
+    """Flask's debug mode (FLASK_DEBUG, COVIDSCAN_DEBUG) is for a developer's machine, never for production."""
+    if app.config.get("DEBUG") and is_production(app):
+        raise RuntimeError(
+            "Debug mode is on (FLASK_DEBUG or COVIDSCAN_DEBUG) but this is not a development machine; "
+            f"CovidScan refuses to start. Unset it, or set {ENV_PREFIX}_DEV=1 on a development machine."
+        )
+
+
+def _configure_cookies(app):
+    """The session cookie (it carries the CSRF token) is sent over HTTPS only, unless told otherwise."""
+    secure = app.config.get("SECURE_COOKIES")
+    secure = is_production(app) if secure is None else _switch(secure, "SECURE_COOKIES")
+    app.config["SECURE_COOKIES"] = secure
+    app.config["SESSION_COOKIE_SECURE"] = secure
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    if app.config.get("SESSION_COOKIE_SAMESITE") not in ("Lax", "Strict"):
+        app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+
+
+def _switch(value, name):
+    """An on/off setting given as a boolean, 0/1 or a word."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ON_VALUES:
+        return True
+    if text in OFF_VALUES:
+        return False
+    raise RuntimeError(f"{ENV_PREFIX}_{name} must be on or off (1/0, true/false), not {value!r}")
+
+
+def _proxy_count(value):
+    """``COVIDSCAN_TRUSTED_PROXIES``: how many reverse proxies in front set X-Forwarded-* (0: none trusted)."""
+    try:
+        count = int(value or 0)
+    except (TypeError, ValueError) as error:
+        raise RuntimeError(f"{ENV_PREFIX}_TRUSTED_PROXIES must be a whole number of proxies, not {value!r}") from error
+    if count < 0:
+        raise RuntimeError(f"{ENV_PREFIX}_TRUSTED_PROXIES must not be negative, not {value!r}")
+    return count
+
+
+def _token_hashes(value):
+    """``COVIDSCAN_API_TOKEN_HASHES``: a comma-separated list (or a list) of SHA-256 hex digests."""
+    items = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    hashes = [str(item).strip().lower() for item in items if str(item).strip()]
+    for digest in hashes:
+        if not SHA256_HEX.match(digest):
+            raise RuntimeError(
+                f"{ENV_PREFIX}_API_TOKEN_HASHES must hold SHA-256 hex digests (64 hex digits each, separated by "
+                f"commas); one entry has {len(digest)} characters. Make one with "
+                "`printf %s \"$TOKEN\" | sha256sum`."
+            )
+    return tuple(hashes)
+
+
+def _rate_limit(value):
+    """``COVIDSCAN_RATE_LIMIT``: a limit such as "60 per minute" (or "10/second;100/hour"), or off (None)."""
+    if value is None or value is False or str(value).strip().lower() in OFF_VALUES:
+        return None
+    text = str(value).strip()
+    try:
+        parse_many(text)
+    except ValueError as error:
+        raise RuntimeError(
+            f"{ENV_PREFIX}_RATE_LIMIT must read like \"60 per minute\" or \"10/second;300/hour\", "
+            f"or be off; not {value!r}"
+        ) from error
+    return text
 
 
 def model_missing_hint(path):

@@ -1,13 +1,14 @@
 """Error handlers, registered once: JSON for the API (or clients that prefer it), HTML pages otherwise."""
 
 import logging
-import uuid
 
-from flask import current_app, g, jsonify, render_template, request
+from flask import current_app, jsonify, render_template, request
+from flask_limiter import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app.forms import human_size
+from app import request_id
+from app.forms import UploadRefused, human_size
 from app.views import render_upload_page
 from model.errors import InvalidImageError
 
@@ -15,15 +16,13 @@ logger = logging.getLogger(__name__)
 
 CSRF_MESSAGE = "The form's security token is missing or has expired; please reload the page and try again."
 SERVER_ERROR_MESSAGE = "Something went wrong on our side; the error has been logged."
+# werkzeug answers 413 for these too, within the size limit (max_form_parts, max_form_memory_size).
+TOO_MANY_PARTS_MESSAGE = (
+    "The request has too many form fields or an oversized text field; "
+    "send one image as a file in the multipart field 'file'."
+)
 # Headers of werkzeug's own error responses worth keeping (e.g. Allow on 405).
 KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
-
-
-def request_id():
-    """A fresh id for the current request, sent as ``X-Request-ID`` and shown on error pages."""
-    if "request_id" not in g:
-        g.request_id = uuid.uuid4().hex
-    return g.request_id
 
 
 def wants_json():
@@ -37,8 +36,10 @@ def wants_json():
 def register_error_handlers(app):
     """Map domain errors and HTTP errors to status codes and pages, once for the whole app."""
     app.register_error_handler(InvalidImageError, handle_invalid_image)
+    app.register_error_handler(UploadRefused, handle_upload_refused)
     app.register_error_handler(CSRFError, handle_csrf_error)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
+    app.register_error_handler(RateLimitExceeded, handle_rate_limited)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(Exception, handle_unexpected_error)
 
@@ -48,16 +49,32 @@ def handle_invalid_image(error):
     return upload_refused(str(error), error.status_code)
 
 
+def handle_upload_refused(error):
+    """400: no file, or several, in the field ``file``."""
+    return upload_refused(error.description, 400)
+
+
 def handle_csrf_error(error):
     """400: a form post without a valid CSRF token."""
     return upload_refused(CSRF_MESSAGE, 400)
 
 
 def handle_too_large(error):
-    """413: the request is larger than MAX_CONTENT_LENGTH (werkzeug stops reading it)."""
+    """413: the request is larger than MAX_CONTENT_LENGTH (werkzeug stops reading it), or has too many parts."""
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    message = f"The upload is larger than the {human_size(limit)} limit." if limit else "The upload is too large."
+    length = request.content_length
+    if limit and length is not None and length <= limit:
+        message = TOO_MANY_PARTS_MESSAGE
+    elif limit:
+        message = f"The upload is larger than the {human_size(limit)} limit."
+    else:
+        message = "The upload is too large."
     return upload_refused(message, 413)
+
+
+def handle_rate_limited(error):
+    """429: this client sent more predictions than RATE_LIMIT allows (Retry-After says when to come back)."""
+    return upload_refused(error.description, 429)
 
 
 def handle_http_error(error):
@@ -89,6 +106,8 @@ def handle_unexpected_error(error):
 
 def upload_refused(message, status):
     """Refused upload: JSON ``{"error": ...}`` for the API, the upload form with the reason otherwise."""
+    # The status and the request id only: a reason may one day quote the file, whose content is private.
+    logger.info("upload refused with %s (request %s)", status, request_id())
     if wants_json():
         return jsonify({"error": message}), status
     return render_upload_page(error=message), status

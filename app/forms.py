@@ -1,7 +1,9 @@
 """The upload form and the one list of file types the pages and the API advertise."""
 
+from flask import request
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
+from werkzeug.exceptions import BadRequest
 from wtforms import SubmitField
 
 from model.errors import InvalidImageError
@@ -16,6 +18,11 @@ ACCEPT_ATTRIBUTE = ",".join(item for items in ACCEPTED_TYPES.values() for item i
 ACCEPTED_NAMES = " or ".join(ACCEPTED_TYPES)
 
 EMPTY_FILE_MESSAGE = "The file is empty."
+NO_FILE_MESSAGE = "No file was uploaded: send the image as multipart/form-data in a field named 'file'."
+
+
+class UploadRefused(BadRequest):
+    """400 for a request without exactly one upload; answered like a refused image (the form comes back)."""
 
 
 class UploadForm(FlaskForm):
@@ -27,6 +34,16 @@ class UploadForm(FlaskForm):
         render_kw={"accept": ACCEPT_ATTRIBUTE},
     )
     submit = SubmitField("Analyse image")
+
+
+def the_upload():
+    """The one file of the current request's field ``file``; ``UploadRefused`` when there is none or several."""
+    uploads = request.files.getlist("file")
+    if not uploads:
+        raise UploadRefused(NO_FILE_MESSAGE)
+    if len(uploads) > 1:
+        raise UploadRefused(f"Send one image per request; this request has {len(uploads)} files in the field 'file'.")
+    return uploads[0]
 
 
 def read_upload(storage):

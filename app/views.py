@@ -5,8 +5,8 @@ import logging
 
 from flask import Blueprint, current_app, render_template
 
-from app import get_predictor
-from app.forms import ACCEPTED_NAMES, UploadForm, human_size, read_upload
+from app import get_predictor, request_id
+from app.forms import ACCEPTED_NAMES, UploadForm, human_size, read_upload, the_upload
 from model.cam import to_png_bytes
 
 logger = logging.getLogger(__name__)
@@ -33,9 +33,10 @@ def predict():
     form = UploadForm()
     if not form.validate_on_submit():
         return render_upload_page(form, error=first_error(form)), 400
+    upload = the_upload()  # the form field takes the first of several files; refuse the ambiguity instead
     predictor = get_predictor()
-    prediction = predictor.predict_bytes(read_upload(form.file.data), with_heatmap=True)
-    logger.info("prediction %s in %.0f ms (form)", prediction.label, prediction.elapsed_ms)
+    prediction = predictor.predict_bytes(read_upload(upload), with_heatmap=True)
+    logger.info("prediction %s in %.0f ms (form, request %s)", prediction.label, prediction.elapsed_ms, request_id())
     return render_template(
         "result.html",
         prediction=prediction,

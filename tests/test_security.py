@@ -1,0 +1,476 @@
+"""Security by default: headers, cookies, proxies, debug mode, API tokens, proxy sign-in, rate limits, privacy."""
+
+import gc
+import hashlib
+import html
+import io
+import logging
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASS_NAMES, encode, make_xray_array
+
+API_TOKEN = "covidscan-test-token-7f3a9c"
+OTHER_TOKEN = "a-second-client-token-41b2"
+PRIVATE_FILENAME = "Doe-Jane-1961-03-07-MRN-0042.png"
+# Identifying DICOM fields; none may reach a log line.
+PATIENT_FIELDS = {
+    "PatientName": "Quixote^Dulcinea",
+    "PatientID": "PID-314159",
+    "PatientBirthDate": "19610307",
+    "InstitutionName": "St Elsewhere Hospital",
+    "AccessionNumber": "ACC-271828",
+}
+CSP_PARTS = ("default-src 'self'", "img-src 'self' data:", "frame-ancestors 'none'")
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def make_app(tiny_checkpoint_path, monkeypatch):
+    """Build an app around the tiny checkpoint: testing mode unless ``production=True``; no COVIDSCAN_ env."""
+    from app import create_app
+
+    for name in ("COVIDSCAN_SECRET_KEY", "COVIDSCAN_DEV", "COVIDSCAN_RATE_LIMIT", "COVIDSCAN_API_TOKEN_HASHES",
+                 "COVIDSCAN_PROXY_USER_HEADER", "COVIDSCAN_TRUSTED_PROXIES", "COVIDSCAN_SECURE_COOKIES",
+                 "COVIDSCAN_RATE_LIMIT_STORAGE_URI", "FLASK_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+
+    def build(production=False, rate_limit_from_environment=False, **overrides):
+        config = {"SECRET_KEY": "test-secret", "MODEL_PATH": str(tiny_checkpoint_path)}
+        if not rate_limit_from_environment:
+            config["RATE_LIMIT"] = "off"
+        if not production:
+            config.update(TESTING=True, WTF_CSRF_ENABLED=False)
+        config.update(overrides)
+        return create_app(config)
+
+    yield build
+    # A Flask app sits in reference cycles; collect it now, with its model, rather than let dozens pile up.
+    gc.collect()
+
+
+def png_bytes(seed=1):
+    return encode(Image.fromarray(make_xray_array(seed), mode="L"))
+
+
+def upload(data=None, filename="xray.png"):
+    return {"file": (io.BytesIO(png_bytes() if data is None else data), filename)}
+
+
+def post_api(client, data=None, headers=None, filename="xray.png", query=""):
+    return client.post(f"/api/v1/predict{query}", data=upload(data, filename), headers=headers or {},
+                       content_type="multipart/form-data")
+
+
+def post_form(client, data=None, headers=None, filename="xray.png"):
+    return client.post("/predict", data=upload(data, filename), headers=headers or {},
+                       content_type="multipart/form-data")
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def test_security_headers_on_every_kind_of_response(make_app):
+    app = make_app(API_TOKEN_HASHES=sha256_hex(API_TOKEN), RATE_LIMIT="1 per minute", MAX_CONTENT_LENGTH=4096)
+    client = app.test_client()
+    roomy_client = make_app(MAX_CONTENT_LENGTH=4096).test_client()
+    responses = {
+        "page": client.get("/"),
+        "result": post_form(roomy_client, encode(Image.fromarray(make_xray_array(1, size=(40, 40)), mode="L"))),
+        "refused-upload": post_form(roomy_client, b"not an image"),
+        "too-large": post_form(roomy_client, png_bytes()),
+        "api-401": post_api(client),
+        "api-200": post_api(client, encode(Image.fromarray(make_xray_array(1, size=(40, 40)), mode="L")),
+                            headers=bearer(API_TOKEN)),
+        "api-429": post_api(client, headers=bearer(API_TOKEN)),
+        "healthz": client.get("/healthz"),
+        "not-found": client.get("/nowhere"),
+        "static": client.get("/static/style.css"),
+    }
+    expected = {"result": 200, "refused-upload": 415, "too-large": 413, "api-401": 401, "api-200": 200,
+                "api-429": 429, "static": 200}
+    for name, response in responses.items():
+        assert response.status_code == expected.get(name, response.status_code), name
+        csp = response.headers["Content-Security-Policy"]
+        assert all(part in csp for part in CSP_PARTS), name
+        assert response.headers["X-Content-Type-Options"] == "nosniff", name
+        assert response.headers["X-Frame-Options"] == "DENY", name
+        assert response.headers["Referrer-Policy"] == "no-referrer", name
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"]), name
+        assert "Strict-Transport-Security" not in response.headers, "plain HTTP gets no HSTS"
+        if name == "static":
+            assert response.headers.get("Cache-Control") != "no-store"
+        else:
+            assert response.headers["Cache-Control"] == "no-store", f"{name} must not be cached"
+
+
+def test_result_page_is_never_cached_and_loads_nothing_from_elsewhere(make_app):
+    response = post_form(make_app().test_client())
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    text = response.get_data(as_text=True)
+    assert "<script" not in text
+    assert not re.search(r'(src|href)="(https?:)?//', text), "every resource is self-hosted"
+
+
+# --------------------------------------------------------------------------- cookies, proxies, debug mode
+
+
+def test_production_cookies_are_secure_httponly_samesite(make_app):
+    app = make_app(production=True)
+    assert app.config["SESSION_COOKIE_SECURE"] is True
+    assert app.debug is False
+    cookie = app.test_client().get("/").headers["Set-Cookie"]
+    assert "; Secure" in cookie and "; HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+@pytest.mark.parametrize("value, secure", [("0", False), ("off", False), ("1", True), ("true", True)])
+def test_secure_cookies_follow_the_environment(make_app, monkeypatch, value, secure):
+    monkeypatch.setenv("COVIDSCAN_SECURE_COOKIES", value)
+    app = make_app(production=True)
+    assert app.config["SESSION_COOKIE_SECURE"] is secure
+    assert ("; Secure" in app.test_client().get("/").headers["Set-Cookie"]) is secure
+
+
+def test_development_cookies_work_over_plain_http_by_default(make_app):
+    assert make_app(DEV=True).config["SESSION_COOKIE_SECURE"] is False
+
+
+def test_nonsense_secure_cookie_setting_stops_start_up(make_app):
+    with pytest.raises(RuntimeError, match="SECURE_COOKIES must be on or off"):
+        make_app(production=True, SECURE_COOKIES="sometimes")
+
+
+def test_csrf_is_on_by_default_in_production(make_app):
+    response = post_form(make_app(production=True).test_client())
+    assert response.status_code == 400
+    assert "security token is missing" in html.unescape(response.get_data(as_text=True))
+
+
+def test_forwarded_headers_are_ignored_without_trusted_proxies(make_app):
+    client = make_app().test_client()
+    response = client.get("/", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"})
+    assert "Strict-Transport-Security" not in response.headers
+
+
+def test_forwarded_proto_is_honoured_behind_a_trusted_proxy(make_app):
+    client = make_app(production=True, TRUSTED_PROXIES=1).test_client()
+    response = client.get("/", headers={"X-Forwarded-Proto": "https"})
+    assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert "; Secure" in response.headers["Set-Cookie"]
+    plain = client.get("/", headers={"X-Forwarded-Proto": "http"})
+    assert "Strict-Transport-Security" not in plain.headers
+
+
+@pytest.mark.parametrize("value", ["two", "-1"])
+def test_nonsense_trusted_proxies_stops_start_up(make_app, value):
+    with pytest.raises(RuntimeError, match="TRUSTED_PROXIES"):
+        make_app(TRUSTED_PROXIES=value)
+
+
+def test_debug_mode_is_refused_in_production(make_app, monkeypatch):
+    with pytest.raises(RuntimeError, match="Debug mode is on"):
+        make_app(production=True, DEBUG=True)
+    monkeypatch.setenv("FLASK_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="Debug mode is on"):
+        make_app(production=True)
+    assert make_app(production=True, DEV=True).debug is True, "a development machine may debug"
+
+
+# --------------------------------------------------------------------------- API tokens
+
+
+@pytest.fixture
+def token_client(make_app):
+    app = make_app(API_TOKEN_HASHES=f"{sha256_hex(API_TOKEN)}, {sha256_hex(OTHER_TOKEN).upper()}")
+    return app.test_client()
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer    "},
+    {"Authorization": f"Basic {API_TOKEN}"},
+    {"Authorization": API_TOKEN},
+], ids=["none", "empty-bearer", "blank-bearer", "basic-scheme", "no-scheme"])
+def test_api_without_a_token_is_401_with_a_bearer_challenge(token_client, headers):
+    for response in (post_api(token_client, headers=headers), token_client.get("/api/v1/model", headers=headers)):
+        assert response.status_code == 401
+        assert response.is_json
+        assert response.json == {"error": "This API needs a token: send it as 'Authorization: Bearer <token>'."}
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="CovidScan"'
+
+
+@pytest.mark.parametrize("token", ["wrong", API_TOKEN + "x", API_TOKEN[:-1], sha256_hex(API_TOKEN), "é" * 40])
+def test_api_with_a_wrong_token_is_401_invalid_token(token_client, token):
+    response = post_api(token_client, headers=bearer(token))
+    assert response.status_code == 401
+    assert response.json == {"error": "The API token is not valid."}
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="CovidScan", error="invalid_token"'
+
+
+@pytest.mark.parametrize("token", [API_TOKEN, OTHER_TOKEN])
+def test_api_accepts_each_configured_token(token_client, token):
+    response = post_api(token_client, headers=bearer(token))
+    assert response.status_code == 200
+    assert response.json["label"] in CLASS_NAMES
+    assert token_client.get("/api/v1/model", headers={"Authorization": f"bearer {token}"}).status_code == 200
+
+
+def test_unknown_api_paths_need_the_token_too(token_client):
+    assert token_client.get("/api/v1/secret-admin").status_code == 401
+    assert token_client.get("/api/v1/secret-admin", headers=bearer(API_TOKEN)).status_code == 404
+
+
+def test_health_check_and_pages_stay_open_with_api_tokens(token_client):
+    assert token_client.get("/healthz").status_code == 200
+    assert token_client.get("/").status_code == 200
+    assert post_form(token_client).status_code == 200
+
+
+def test_tokens_are_compared_in_constant_time_against_every_hash(make_app, monkeypatch):
+    import app.security
+
+    client = make_app(API_TOKEN_HASHES=",".join(sha256_hex(token) for token in (API_TOKEN, OTHER_TOKEN, "third"))) \
+        .test_client()
+    calls = []
+    real_compare = app.security.hmac.compare_digest
+
+    def spy(left, right):
+        calls.append((left, right))
+        return real_compare(left, right)
+
+    monkeypatch.setattr(app.security.hmac, "compare_digest", spy)
+    assert client.get("/api/v1/model", headers=bearer(API_TOKEN)).status_code == 200
+    assert len(calls) == 3, "no early exit on the first match"
+    assert all(left == sha256_hex(API_TOKEN) for left, _ in calls), "only digests are compared, never the token"
+
+
+def test_token_hashes_are_read_as_text_from_the_environment(make_app, monkeypatch):
+    digest = sha256_hex(API_TOKEN)
+    monkeypatch.setenv("COVIDSCAN_API_TOKEN_HASHES", f" {digest} ,")
+    app = make_app()
+    assert app.config["API_TOKEN_HASHES"] == (digest,)
+    assert app.test_client().get("/api/v1/model", headers=bearer(API_TOKEN)).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["1234e5", "not-hex" * 9 + "a", sha256_hex("x")[:-1]])
+def test_malformed_token_hashes_stop_start_up(make_app, monkeypatch, value):
+    monkeypatch.setenv("COVIDSCAN_API_TOKEN_HASHES", value)
+    with pytest.raises(RuntimeError, match="SHA-256 hex digests"):
+        make_app()
+
+
+# --------------------------------------------------------------------------- the proxy's user header
+
+
+@pytest.fixture
+def proxied_client(make_app):
+    return make_app(production=True, PROXY_USER_HEADER="X-Remote-User").test_client()
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Remote-User": ""}, {"X-Remote-User": "   "}, {"X-Remote-Usr": "eve"}])
+def test_pages_without_the_proxy_user_header_are_403(proxied_client, headers):
+    for response in (proxied_client.get("/", headers=headers), post_form(proxied_client, headers=headers),
+                     proxied_client.get("/nowhere", headers=headers)):
+        assert response.status_code == 403
+        assert response.mimetype == "text/html"
+        text = html.unescape(response.get_data(as_text=True))
+        assert "only available through the organisation's sign-in proxy" in text
+        assert response.headers["X-Request-ID"] in text
+
+
+def test_pages_with_the_proxy_user_header_work(proxied_client):
+    page = proxied_client.get("/", headers={"X-Remote-User": "dr.house"})
+    assert page.status_code == 200
+    assert "csrf_token" in page.get_data(as_text=True)
+
+
+def test_health_check_static_files_and_api_ignore_the_proxy_user_header(proxied_client):
+    assert proxied_client.get("/healthz").status_code == 200
+    assert proxied_client.get("/static/style.css").status_code == 200
+    assert post_api(proxied_client).status_code == 200, "the API has its own tokens (none configured here)"
+
+
+def test_open_app_warns_at_start_up(make_app, caplog):
+    with caplog.at_level(logging.WARNING):
+        make_app(production=True)
+    assert "CovidScan is open to anyone who can reach it" in caplog.text
+    assert "COVIDSCAN_API_TOKEN_HASHES" in caplog.text and "COVIDSCAN_PROXY_USER_HEADER" in caplog.text
+
+
+def test_half_open_app_names_the_open_half(make_app, caplog):
+    with caplog.at_level(logging.WARNING):
+        make_app(production=True, API_TOKEN_HASHES=sha256_hex(API_TOKEN))
+    assert "the upload pages (no COVIDSCAN_PROXY_USER_HEADER)" in caplog.text
+    assert "the JSON API" not in caplog.text
+
+
+def test_closed_app_does_not_warn(make_app, caplog):
+    with caplog.at_level(logging.WARNING):
+        make_app(production=True, API_TOKEN_HASHES=sha256_hex(API_TOKEN), PROXY_USER_HEADER="X-Remote-User")
+    assert "is open" not in caplog.text
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+def test_rate_limit_answers_429_with_a_reason_and_retry_after(make_app):
+    client = make_app(RATE_LIMIT="3 per minute").test_client()
+    tiny_png = encode(Image.fromarray(make_xray_array(1, size=(40, 40)), mode="L"))
+    statuses = [post_api(client, tiny_png).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    refused = post_api(client, tiny_png)
+    assert refused.status_code == 429
+    assert refused.json == {"error": "Too many requests: at most 3 per minute from one client. "
+                                     "Please wait a moment and try again."}
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["X-RateLimit-Limit"] == "3"
+
+    assert [post_form(client, tiny_png).status_code for _ in range(3)] == [200, 200, 200], "each route has its own"
+    form = post_form(client, tiny_png)
+    assert form.status_code == 429
+    text = html.unescape(form.get_data(as_text=True))
+    assert "Too many requests: at most 3 per minute" in text
+    assert 'enctype="multipart/form-data"' in text and 'role="alert"' in text
+
+    assert all(client.get("/healthz").status_code == 200 for _ in range(10)), "the health check is never limited"
+    assert all(client.get("/").status_code == 200 for _ in range(10))
+    assert client.get("/api/v1/model").status_code == 200
+
+
+def test_rate_limit_counts_each_client_separately_behind_a_trusted_proxy(make_app):
+    client = make_app(RATE_LIMIT="2 per minute", TRUSTED_PROXIES=1).test_client()
+    first, second = {"X-Forwarded-For": "198.51.100.7"}, {"X-Forwarded-For": "198.51.100.8"}
+    assert [post_api(client, headers=first).status_code for _ in range(3)] == [200, 200, 429]
+    assert post_api(client, headers=second).status_code == 200
+
+
+def test_forged_forwarded_for_does_not_escape_the_limit_without_trusted_proxies(make_app):
+    client = make_app(RATE_LIMIT="2 per minute").test_client()
+    statuses = [post_api(client, headers={"X-Forwarded-For": f"198.51.100.{index}"}).status_code
+                for index in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+def test_default_rate_limit_is_60_per_minute_in_process_memory(make_app):
+    app = make_app(rate_limit_from_environment=True)
+    assert app.config["RATE_LIMIT"] == "60 per minute"
+    assert app.config["RATE_LIMIT_STORAGE_URI"] == "memory://"
+
+
+def test_rate_limit_is_read_from_the_environment(make_app, monkeypatch):
+    monkeypatch.setenv("COVIDSCAN_RATE_LIMIT", "1/second;100/hour")
+    client = make_app(rate_limit_from_environment=True).test_client()
+    assert [post_api(client).status_code for _ in range(2)] == [200, 429]
+
+
+@pytest.mark.parametrize("value", ["off", "0", "", "none", "false"])
+def test_rate_limit_can_be_switched_off(make_app, monkeypatch, value):
+    monkeypatch.setenv("COVIDSCAN_RATE_LIMIT", value)
+    app = make_app(rate_limit_from_environment=True)
+    assert app.config["RATE_LIMIT"] is None
+    assert "limiter" not in app.extensions
+
+
+def test_nonsense_rate_limit_stops_start_up(make_app, monkeypatch):
+    monkeypatch.setenv("COVIDSCAN_RATE_LIMIT", "lots per minute")
+    with pytest.raises(RuntimeError, match="COVIDSCAN_RATE_LIMIT must read like"):
+        make_app(rate_limit_from_environment=True)
+
+
+def test_unusable_rate_limit_storage_stops_start_up(make_app, monkeypatch):
+    monkeypatch.setenv("COVIDSCAN_RATE_LIMIT_STORAGE_URI", "nosuchstore://127.0.0.1:9")
+    with pytest.raises(RuntimeError, match="rate-limit storage COVIDSCAN_RATE_LIMIT_STORAGE_URI cannot be used"):
+        make_app(RATE_LIMIT="5 per minute")
+
+
+# --------------------------------------------------------------------------- privacy and request ids
+
+
+def dicom_with_patient_fields():
+    """A small DX DICOM file whose header names a patient (pydicom writes it in memory)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = make_xray_array(9, size=(128, 128)).astype(np.uint16) * 16
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    for name, value in PATIENT_FIELDS.items():
+        setattr(dataset, name, value)
+    dataset.Modality, dataset.ViewPosition = "DX", "PA"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    dataset.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_logs_hold_request_ids_but_no_file_names_pixels_or_patient_fields(make_app, caplog):
+    client = make_app().test_client()
+    dicom = dicom_with_patient_fields()
+    with caplog.at_level(logging.DEBUG):
+        responses = [
+            post_api(client, filename=PRIVATE_FILENAME),
+            post_form(client, filename=PRIVATE_FILENAME),
+            post_api(client, b"Jane Doe's discharge letter\n" * 30, filename=PRIVATE_FILENAME),
+            post_form(client, png_bytes()[:500], filename=PRIVATE_FILENAME),
+            post_api(client, dicom, filename="Quixote-Dulcinea.dcm"),
+            post_form(client, dicom, filename="Quixote-Dulcinea.dcm"),
+            post_api(client, dicom[: len(dicom) // 2], filename="Quixote-Dulcinea.dcm"),
+        ]
+    assert [response.status_code for response in responses[:4]] == [200, 200, 415, 400]
+    assert all(response.status_code < 500 for response in responses)
+    logged = caplog.text
+    for secret in ("Doe", "Jane", "MRN", "Quixote", "Dulcinea", "PID-314159", "19610307", "Elsewhere", "ACC-271828"):
+        assert secret not in logged, f"{secret!r} reached the logs"
+    assert "iVBOR" not in logged and "\\x89PNG" not in logged and "DICM" not in logged, "no image bytes"
+    assert max(len(record.getMessage()) for record in caplog.records) < 400
+    for response in responses:
+        assert response.headers["X-Request-ID"] in logged, "every upload leaves a line with its request id"
+
+
+def test_request_id_is_on_refused_upload_pages_and_in_error_json_headers(make_app):
+    client = make_app().test_client()
+    page = post_form(client, b"not an image")
+    assert page.headers["X-Request-ID"] in page.get_data(as_text=True)
+    api = post_api(client, b"not an image")
+    assert api.status_code == 415 and re.fullmatch(r"[0-9a-f]{32}", api.headers["X-Request-ID"])
+
+
+# --------------------------------------------------------------------------- through a real gunicorn
+
+
+@pytest.mark.slow
+def test_gunicorn_leaves_forwarded_headers_to_the_app(tiny_checkpoint_path, tmp_path):
+    from servers import request, start_gunicorn
+
+    forwarded = (("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "203.0.113.9"))
+    for proxies, secure in ((0, False), (1, True)):
+        server = start_gunicorn(tiny_checkpoint_path, tmp_path / f"gunicorn-{proxies}.log", workers=1,
+                                TRUSTED_PROXIES=proxies, RATE_LIMIT="off")
+        try:
+            response = request(server, "GET", "/", headers=forwarded)
+        finally:
+            server.stop()
+        assert response.status == 200
+        assert ("strict-transport-security" in response.headers) is secure, f"TRUSTED_PROXIES={proxies}"
+        assert "Secure" in response.headers["set-cookie"], "production cookies are Secure either way"
