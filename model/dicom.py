@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
@@ -56,6 +56,7 @@ _DECODING_ERRORS = (
     EOFError,
     OSError,
     MemoryError,
+    BytesLengthException,  # a value whose length does not fit its VR (e.g. a misaligned file-meta group)
 )
 
 

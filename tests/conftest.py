@@ -96,9 +96,11 @@ def tiny_checkpoint_path(tmp_path_factory):
 @pytest.fixture
 def app(tiny_checkpoint_path):
     """The Flask app in testing mode around the tiny checkpoint (CSRF off unless a test turns it on)."""
+    import gc
+
     from app import create_app
 
-    return create_app(
+    yield create_app(
         {
             "TESTING": True,
             "SECRET_KEY": "test-secret",
@@ -106,6 +108,7 @@ def app(tiny_checkpoint_path):
             "MODEL_PATH": str(tiny_checkpoint_path),
         }
     )
+    gc.collect()  # each app holds a model; free it now rather than at some later collection
 
 
 @pytest.fixture
