@@ -32,6 +32,7 @@ def predict():
         "elapsed_ms": round(prediction.elapsed_ms, 1),
         "warnings": list(prediction.warnings),
         "ood": prediction.ood,
+        "image": prediction.metadata,
     }
     if with_heatmap:
         answer["heatmap"] = base64.b64encode(to_png_bytes(prediction.heatmap)).decode("ascii")

@@ -9,13 +9,14 @@ from wtforms import SubmitField
 from model.errors import InvalidImageError
 
 # Upload types offered to people and clients; the decoder (model.transforms) has the final word on content.
-# DICOM joins here when the decoder learns it: ("application/dicom", ".dcm").
+# DICOM is recognised by its content (the DICM preamble), so extensionless PACS exports work too.
 ACCEPTED_TYPES = {
     "PNG": ("image/png", ".png"),
     "JPEG": ("image/jpeg", ".jpg", ".jpeg"),
+    "DICOM": ("application/dicom", ".dcm"),
 }
 ACCEPT_ATTRIBUTE = ",".join(item for items in ACCEPTED_TYPES.values() for item in items)
-ACCEPTED_NAMES = " or ".join(ACCEPTED_TYPES)
+ACCEPTED_NAMES = ", ".join(list(ACCEPTED_TYPES)[:-1]) + " or " + list(ACCEPTED_TYPES)[-1]
 
 EMPTY_FILE_MESSAGE = "The file is empty."
 NO_FILE_MESSAGE = "No file was uploaded: send the image as multipart/form-data in a field named 'file'."

@@ -42,7 +42,29 @@ def predict():
         prediction=prediction,
         class_names=predictor.class_names,
         heatmap_uri=png_data_uri(prediction.heatmap) if prediction.heatmap is not None else None,
+        image_details=image_details(prediction.metadata),
     )
+
+
+# Technical facts about the upload that the result page may show (never patient or institution fields).
+IMAGE_DETAIL_LABELS = (
+    ("format", "Image format"),
+    ("modality", "Modality"),
+    ("view_position", "View position"),
+    ("photometric_interpretation", "Photometric interpretation"),
+    ("bits_stored", "Bits stored"),
+    ("transfer_syntax", "Transfer syntax"),
+    ("display_window", "Display window"),
+)
+
+
+def image_details(metadata):
+    """(label, value) rows for the result page from the decoder's technical metadata."""
+    rows = []
+    if metadata.get("rows") and metadata.get("columns"):
+        rows.append(("Image size", f"{metadata['columns']} × {metadata['rows']} pixels"))
+    rows.extend((label, metadata[key]) for key, label in IMAGE_DETAIL_LABELS if metadata.get(key) not in (None, ""))
+    return rows
 
 
 def render_upload_page(form=None, error=None):

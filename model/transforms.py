@@ -61,7 +61,7 @@ def decode_upload(data, *, max_pixels=MAX_PIXELS):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidImageError("The image has too many pixels to be a chest X-ray (possible decompression bomb).") from error
     except UnidentifiedImageError as error:
-        raise UnsupportedImageError("The file is not a PNG or JPEG image.") from error
+        raise UnsupportedImageError("The file is not a PNG, JPEG or DICOM image.") from error
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
         raise InvalidImageError("The image is damaged or truncated and cannot be read.") from error
     grayscale = to_grayscale(image)
@@ -82,7 +82,9 @@ def looks_like_dicom(data):
 def _check_header(image, image_format, max_pixels):
     """Refuse wrong formats and absurd sizes before any pixel is decoded."""
     if image_format not in ACCEPTED_FORMATS:
-        raise UnsupportedImageError(f"{image_format or 'This'} images are not accepted; please upload a PNG or JPEG.")
+        raise UnsupportedImageError(
+            f"{image_format or 'This'} images are not accepted; please upload a PNG, JPEG or DICOM file."
+        )
     check_image_size(*image.size, max_pixels=max_pixels)
     if getattr(image, "n_frames", 1) > 1:
         raise InvalidImageError("Animated or multi-frame images are not accepted; please upload a single image.")

@@ -136,10 +136,10 @@ class BadInput:
 
 BAD_INPUTS = [
     BadInput("no-file-field", lambda png, jpeg, bomb: None, 400, "No file was uploaded",
-             form_message="Please choose a chest X-ray image (PNG or JPEG) to upload."),
+             form_message="Please choose a chest X-ray image (PNG, JPEG or DICOM) to upload."),
     BadInput("empty-file", lambda png, jpeg, bomb: b"", 400, "The file is empty."),
     BadInput("not-an-image", lambda png, jpeg, bomb: b"patient notes, not pixels\n" * 40, 415,
-             "The file is not a PNG or JPEG image."),
+             "The file is not a PNG, JPEG or DICOM image."),
     BadInput("gif", lambda png, jpeg, bomb: encode(gray(), "GIF"), 415, "GIF images are not accepted"),
     BadInput("webp", lambda png, jpeg, bomb: encode(gray(), "WEBP"), 415, "WEBP images are not accepted"),
     BadInput("truncated-png", _truncated, 400, "damaged or truncated"),

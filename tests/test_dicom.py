@@ -447,7 +447,7 @@ def test_dicom_is_recognised_by_content_not_name(tmp_path):
 
 def test_preambleless_dicom_is_not_an_image():
     data = dicom_bytes(make_xray_array(1))[128:]  # starts with DICM, no preamble
-    with pytest.raises(UnsupportedImageError, match="not a PNG or JPEG image"):
+    with pytest.raises(UnsupportedImageError, match="not a PNG, JPEG or DICOM image"):
         decode_upload(data)
 
 

@@ -195,7 +195,7 @@ def test_bad_upload_shows_the_reason(server, page, tmp_path):
     with page.expect_navigation() as navigation:
         page.click("#submit")
     assert navigation.value.status == 415
-    assert "The file is not a PNG or JPEG image." in page.inner_text("[role=alert]")
+    assert "The file is not a PNG, JPEG or DICOM image." in page.inner_text("[role=alert]")
     assert page.locator("#file").count() == 1, "the form is back for another try"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "e2e-upload-error.png"), full_page=True)

@@ -16,10 +16,10 @@ from conftest import CLASS_NAMES, encode, make_xray_array
 from servers import BOUNDARY, Upload, file_upload, form_session, multipart, request, start_gunicorn
 
 UPLOAD_LIMIT_MB = 8
-NOT_AN_IMAGE = "The file is not a PNG or JPEG image."
+NOT_AN_IMAGE = "The file is not a PNG, JPEG or DICOM image."
 DAMAGED = "The image is damaged or truncated and cannot be read."
 NO_FILE = "No file was uploaded: send the image as multipart/form-data in a field named 'file'."
-CHOOSE_FILE = "Please choose a chest X-ray image (PNG or JPEG) to upload."
+CHOOSE_FILE = "Please choose a chest X-ray image (PNG, JPEG or DICOM) to upload."
 CSRF_MISSING = "The form's security token is missing or has expired"
 ONE_FILE = "Send one image per request; this request has 2 files in the field 'file'."
 TOO_MANY_PARTS = "The request has too many form fields or an oversized text field"
@@ -233,7 +233,7 @@ HOSTILE_INPUTS = [
     Hostile("png-itxt-zlib-bomb", send_file(itxt_zlib_bomb_png), 400, DAMAGED),
     # other formats and odd but valid images
     Hostile("animated-gif", send_file(lambda: animated("GIF"), filename="x.gif"), 415,
-            "GIF images are not accepted; please upload a PNG or JPEG."),
+            "GIF images are not accepted; please upload a PNG, JPEG or DICOM file."),
     Hostile("animated-png", send_file(lambda: animated("PNG")), 400, "Animated or multi-frame images are not accepted"),
     Hostile("tiff", send_file(lambda: encode(gray(), "TIFF"), filename="x.tif"), 415, "TIFF images are not accepted"),
     Hostile("webp", send_file(lambda: encode(gray(), "WEBP"), filename="x.webp"), 415, "WEBP images are not accepted"),

@@ -103,7 +103,7 @@ def test_decode_applies_exif_orientation():
     "data, error, message",
     [
         (b"", InvalidImageError, "empty"),
-        (b"hello, this is text", UnsupportedImageError, "not a PNG or JPEG"),
+        (b"hello, this is text", UnsupportedImageError, "not a PNG, JPEG or DICOM"),
         ("truncated", InvalidImageError, "damaged or truncated"),
         ("gif", UnsupportedImageError, "GIF images are not accepted"),
         ("tiny", InvalidImageError, "at least"),
