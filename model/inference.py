@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from model.cam import ActivationRecorder, cam_to_image_space, class_activation_maps, overlay_heatmap
+from model.cam import cam_to_image_space, class_activation_maps, overlay_heatmap
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
 from model.ood import mahalanobis_score
+from model.runtime import build_runtime_for_predictor
 from model.transforms import build_eval_transform, decode_upload
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Prediction:
 class Predictor:
     """Owns one loaded checkpoint: preprocessing, forward pass, softmax and heatmap."""
 
-    def __init__(self, checkpoint, *, device="cpu", checkpoint_path=None, sha256=None):
+    def __init__(self, checkpoint, *, device="cpu", checkpoint_path=None, sha256=None, backend=None):
         self.checkpoint = checkpoint
         self.class_names = list(checkpoint["class_names"])
         self.transform_params = checkpoint["transform"]
@@ -44,16 +45,18 @@ class Predictor:
         self.ood_statistics = checkpoint.get("ood")
         self.device = torch.device(device)
         self.network = build_model_from_checkpoint(checkpoint).to(self.device)
-        self.recorder = ActivationRecorder(self.network)
+        # backend: model.runtime.BACKENDS, or None for COVIDSCAN_INFERENCE_BACKEND / the measured default.
+        self.runtime = build_runtime_for_predictor(self, backend, cache_key=sha256)
+        self.backend = self.runtime.name
         self.checkpoint_path = checkpoint_path
         self.sha256 = sha256
 
     @classmethod
-    def from_path(cls, path, *, device="cpu"):
+    def from_path(cls, path, *, device="cpu", backend=None):
         """Load a checkpoint file (raises ``CheckpointError``) and build a Predictor around it."""
         path = Path(path)
         checkpoint = load_checkpoint(path)
-        return cls(checkpoint, device=device, checkpoint_path=str(path), sha256=file_sha256(path))
+        return cls(checkpoint, device=device, checkpoint_path=str(path), sha256=file_sha256(path), backend=backend)
 
     @property
     def model_info(self):
@@ -73,8 +76,7 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, batch):
         """Logits and last-block activations for a preprocessed batch."""
-        logits = self.network(batch.to(self.device))
-        return logits, self.recorder.activations
+        return self.runtime(batch.to(self.device))
 
     def probabilities_from_logits(self, logits):
         """Temperature-scaled softmax."""

@@ -23,6 +23,9 @@ def get_args_parser():
     parser.add_argument("--false-flag-rate", type=float, default=0.01,
                         help="share of real val X-rays the OOD threshold may flag (default 0.01)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--onnx", metavar="PATH", default=None,
+                        help="also write the network as ONNX (input 'images'; outputs 'logits' and the last block's "
+                             "'features'), for runtimes without PyTorch")
     return parser
 
 
@@ -52,6 +55,30 @@ def main(args):
     path = save_checkpoint(serving, args.output)
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({size_mb:.1f} MiB, sha256 {file_sha256(path)})")
+    if args.onnx:
+        write_onnx(serving, args.onnx)
+
+
+def write_onnx(checkpoint, path):
+    """Export the checkpoint's network (batch dimension dynamic) to an ONNX file."""
+    import torch
+
+    from model.checkpoint import build_model_from_checkpoint
+    from model.runtime import export_onnx
+
+    transform = checkpoint["transform"]
+    example_input = torch.zeros(1, transform["channels"], transform["crop_size"], transform["crop_size"])
+    network = build_model_from_checkpoint(load_serving_weights(checkpoint))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(network, example_input, path)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+def load_serving_weights(checkpoint):
+    """The checkpoint with float32 weights (a --half export stores float16)."""
+    state = {key: value.float() if value.is_floating_point() else value for key, value in checkpoint["state_dict"].items()}
+    return {**checkpoint, "state_dict": state}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,321 @@
+"""Ways to run the same network on the CPU, each returning (logits, last-block activations) for a batch."""
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+import threading
+import warnings
+
+import torch
+from torch import nn
+
+from model.errors import CovidScanError
+from model.network import feature_layer
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "channels_last", "torchscript", "bf16", "onnx")
+# Chosen by benchmarks/bench_inference.py: the fastest backend that agrees with eager on every test image
+# (same class, max |delta p| <= 0.01). benchmarks/README.md has the figures behind this choice.
+DEFAULT_BACKEND = "onnx"
+BACKEND_ENVIRONMENT_VARIABLE = "COVIDSCAN_INFERENCE_BACKEND"
+# Backends that only make sense on the CPU; other devices run eager or channels_last.
+CPU_ONLY_BACKENDS = ("torchscript", "bf16", "onnx")
+ONNX_OPSET = 18
+# The ONNX exporter logs each optimisation pass at INFO.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+# torch.jit still works in this torch release but warns on every call; the warning is not actionable here.
+JIT_DEPRECATION = r".*torch\.jit\.\w+` is deprecated"
+
+_ONNX_EXPORTS = {}  # (checkpoint sha256, input shape) -> ONNX bytes
+
+
+class BackendError(CovidScanError):
+    """An inference backend is unknown, unavailable here, or failed to build."""
+
+
+class FeatureNetwork(nn.Module):
+    """A torchvision ResNet that returns its logits and the output of its last convolutional block."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images):
+        network = self.network
+        x = network.maxpool(network.relu(network.bn1(network.conv1(images))))
+        x = network.layer3(network.layer2(network.layer1(x)))
+        features = feature_layer(network)(x)
+        logits = network.fc(torch.flatten(network.avgpool(features), 1))
+        return logits, features
+
+
+def resolve_backend(backend=None, *, device="cpu"):
+    """The backend to use: the given name, else ``COVIDSCAN_INFERENCE_BACKEND``, else the measured default."""
+    requested = backend or os.environ.get(BACKEND_ENVIRONMENT_VARIABLE) or "auto"
+    requested = requested.strip().lower()
+    if requested == "auto":
+        return DEFAULT_BACKEND if torch.device(device).type == "cpu" else "eager"
+    if requested not in BACKENDS:
+        raise BackendError(f"unknown inference backend {requested!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if requested in CPU_ONLY_BACKENDS and torch.device(device).type != "cpu":
+        raise BackendError(f"inference backend {requested!r} runs on the CPU only, not on {device}")
+    return requested
+
+
+def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
+    """The runtime a ``Predictor`` uses: an explicitly requested backend must build; the default falls back to eager."""
+    name = resolve_backend(backend, device=predictor.device)
+    params = predictor.transform_params
+    example_input = torch.zeros(1, params["channels"], params["crop_size"], params["crop_size"])
+    try:
+        return build_runtime(predictor.network, name, example_input=example_input, device=predictor.device,
+                             cache_key=cache_key)
+    except BackendError as error:
+        requested = (backend or os.environ.get(BACKEND_ENVIRONMENT_VARIABLE) or "auto").strip().lower()
+        if requested != "auto" or name == "eager":
+            raise
+        logger.warning("%s; using the eager backend instead", error)
+        return build_runtime(predictor.network, "eager", example_input=example_input, device=predictor.device)
+
+
+def build_runtime(network, backend, *, example_input, device="cpu", cache_key=None):
+    """Build (and warm up) the runtime for ``backend`` around an eval-mode network; raises ``BackendError``."""
+    builders = {
+        "eager": EagerRuntime,
+        "channels_last": ChannelsLastRuntime,
+        "torchscript": TorchScriptRuntime,
+        "bf16": Bfloat16Runtime,
+        "onnx": OnnxRuntime,
+    }
+    if backend not in builders:
+        raise BackendError(f"unknown inference backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    example_input = example_input.to(device)
+    try:
+        if backend == "onnx":
+            runtime = OnnxRuntime(network.eval(), example_input, cache_key=cache_key)
+        else:
+            runtime = builders[backend](network.eval(), example_input)
+        runtime(example_input)  # fail at start-up rather than on the first request
+    except BackendError:
+        raise
+    except (RuntimeError, ValueError, TypeError, ImportError, OSError) as error:
+        raise BackendError(
+            f"inference backend {backend!r} could not be built: {type(error).__name__}: {str(error).splitlines()[0]}"
+        ) from error
+    return runtime
+
+
+class Runtime:
+    """What every runtime offers: ``name``, ``__call__(batch) -> (logits, activations)`` and ``prepare()``."""
+
+    name = None
+
+    def prepare(self):
+        """Per-process set-up after a fork; torch runtimes need none."""
+
+
+class EagerRuntime(Runtime):
+    """Plain PyTorch, float32, contiguous (NCHW) tensors: the reference every other backend is checked against."""
+
+    name = "eager"
+
+    def __init__(self, network, example_input):
+        self.module = FeatureNetwork(network).eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch):
+        return self.module(batch)
+
+
+class ChannelsLastRuntime(Runtime):
+    """Eager PyTorch with NHWC memory layout, which oneDNN's convolutions prefer; weights are a private copy."""
+
+    name = "channels_last"
+
+    def __init__(self, network, example_input):
+        self.module = FeatureNetwork(copy.deepcopy(network)).eval().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch):
+        logits, features = self.module(batch.contiguous(memory_format=torch.channels_last))
+        return logits, features.contiguous()
+
+
+class TorchScriptRuntime(Runtime):
+    """``torch.jit.trace`` + ``freeze`` (batch norm folded into the convolutions) + ``optimize_for_inference``."""
+
+    name = "torchscript"
+
+    def __init__(self, network, example_input):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION)
+            with torch.inference_mode(False), torch.no_grad():
+                traced = torch.jit.trace(FeatureNetwork(network).eval(), example_input, check_trace=False)
+                self.module = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            # The profiling executor specialises the graph during the first calls; do them now, not per request.
+            for _ in range(2):
+                self(example_input)
+
+    def __call__(self, batch):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION)
+            with torch.no_grad():
+                logits, features = self.module(batch)
+        return logits, features
+
+
+class Bfloat16Runtime(Runtime):
+    """Batch norm folded into float32 convolutions, then weights and activations in bfloat16, NHWC.
+
+    Fast only on CPUs with native bfloat16 (AVX512-BF16, AMX); outputs come back as float32.
+    """
+
+    name = "bf16"
+
+    def __init__(self, network, example_input):
+        module = FeatureNetwork(fold_batch_norm(copy.deepcopy(network).eval())).eval()
+        self.module = module.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch):
+        logits, features = self.module(batch.to(dtype=torch.bfloat16, memory_format=torch.channels_last))
+        return logits.float(), features.float().contiguous()
+
+
+class OnnxRuntime(Runtime):
+    """The network exported to ONNX (in memory, at construction) and run by ONNX Runtime's CPU provider.
+
+    The session follows the process's torch thread count. A one-thread session has no thread pool, so one
+    opened in the gunicorn master before the fork serves every one-thread worker, its weights shared; a
+    thread pool does not survive ``fork``, so a worker with more threads opens its own session on first use.
+    """
+
+    name = "onnx"
+
+    def __init__(self, network, example_input, *, cache_key=None):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as error:
+            raise BackendError("inference backend 'onnx' needs onnxruntime (pip install -r requirements.txt)") from error
+        # The export takes seconds; a process that builds several Predictors of one checkpoint (tests) does it once.
+        export_key = (cache_key, tuple(example_input.shape[1:])) if cache_key else None
+        if export_key in _ONNX_EXPORTS:
+            self.model_bytes = _ONNX_EXPORTS[export_key]
+        else:
+            self.model_bytes = export_onnx(network, example_input)
+            if export_key:
+                _ONNX_EXPORTS[export_key] = self.model_bytes
+        self._session = None
+        self._session_key = None
+        self._lock = threading.Lock()
+
+    def prepare(self):
+        """Open this process's session now (e.g. from gunicorn's ``post_fork``) instead of on the first request."""
+        self.session()
+
+    def session(self):
+        """This process's ONNX Runtime session, opened on first use (and again after a fork)."""
+        threads = torch.get_num_threads()
+        key = (threads,) if threads == 1 else (threads, os.getpid())
+        with self._lock:
+            if self._session_key != key:
+                self._session = _open_onnx_session(self.model_bytes, threads=threads)
+                self._session_key = key
+            return self._session
+
+    def __call__(self, batch):
+        images = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits, features = self.session().run(["logits", "features"], {"images": images})
+        return torch.from_numpy(logits), torch.from_numpy(features)
+
+
+def export_onnx(network, example_input, path=None):
+    """Export ``FeatureNetwork(network)`` to ONNX (inputs ``images``; outputs ``logits``, ``features``).
+
+    The batch dimension is dynamic. Returns the model's bytes, and writes them to ``path`` when given.
+    The network is traced as it is, not copied: the exporter keeps what it traced alive after it returns, and a
+    copy would stay in the gunicorn master for good.
+    """
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), _quiet_loggers(*EXPORTER_LOGGERS), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notes on torch internals
+        program = torch.onnx.export(
+            FeatureNetwork(network.eval()),
+            (example_input[:1].cpu(),),
+            input_names=["images"],
+            output_names=["logits", "features"],
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    data = program.model_proto.SerializeToString()
+    if path is not None:
+        _write_atomically(data, path)
+    return data
+
+
+def _write_atomically(data, path):
+    """Write bytes to a temporary file beside ``path``, then rename it into place."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                             dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names, level=logging.WARNING):
+    """Raise the level of chatty third-party loggers for the duration of a block."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(max(level, each.level))
+    try:
+        yield
+    finally:
+        for each, old_level in zip(loggers, previous):
+            each.setLevel(old_level)
+
+
+def _open_onnx_session(model_bytes, *, threads):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    # Busy-waiting threads would steal cores from the other gunicorn workers between requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def fold_batch_norm(network):
+    """Fold every eval-mode BatchNorm2d that follows a Conv2d into it (torchvision ResNet layout), in place."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def fold(parent, conv_name, norm_name):
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+        setattr(parent, norm_name, nn.Identity())
+
+    fold(network, "conv1", "bn1")
+    for layer in (network.layer1, network.layer2, network.layer3, network.layer4):
+        for block in layer:
+            index = 1
+            while hasattr(block, f"conv{index}"):
+                fold(block, f"conv{index}", f"bn{index}")
+                index += 1
+            if block.downsample is not None:
+                fold(block.downsample, "0", "1")
+    return network
