@@ -1,6 +1,8 @@
 """gunicorn settings for CovidScan: ``gunicorn -c gunicorn.conf.py wsgi:app`` (CLI flags and GUNICORN_CMD_ARGS win)."""
 
+import logging
 import os
+import sys
 
 # The master loads the model before forking (preload_app). OpenMP is not fork-safe: if the master ran torch
 # with a thread pool, workers can hang on their first forward pass (seen as WORKER TIMEOUT). So the master
@@ -32,6 +34,19 @@ def post_fork(server, worker):
     torch_threads = requested or max(1, _cpu_count() // max(1, server.cfg.workers))
     torch.set_num_threads(torch_threads)
     server.log.info("worker %s uses %d torch thread(s)", worker.pid, torch_threads)
+
+
+def worker_exit(server, worker):
+    """Leave the worker process at once once gunicorn has finished with it.
+
+    Interpreter finalisation can deadlock on runtime state inherited across the fork (ONNX Runtime's
+    session and thread-pool objects created in the master), which held every shutdown for the whole
+    graceful timeout. A worker stores nothing, so after flushing the logs there is nothing left to run.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _cpu_count():
