@@ -57,3 +57,37 @@ def test_predictor_reports_ood_and_applies_temperature(tiny_checkpoint_path, xra
     logits = torch.log(torch.tensor(list(plain.probabilities.values())))
     expected = torch.softmax(logits / 2.0, 0)
     assert np.allclose(list(calibrated.probabilities.values()), expected.numpy(), atol=1e-4)
+
+
+def test_ood_evaluation_reports_every_set(tiny_checkpoint_path, image_folder, tmp_path):
+    """The OOD evaluation runs end to end on the tiny model and reports an AUROC per set."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.inference import Predictor
+
+    checkpoint = load_checkpoint(tiny_checkpoint_path)
+    predictor = Predictor(checkpoint, backend="eager")
+    from model.data import load_image
+
+    images = [load_image(path) for path in sorted((image_folder / "train").rglob("*.png"))]
+    batch = torch.cat([predictor.preprocess(image) for image in images])
+    _, activations = predictor.forward(batch)
+    pooled = activations.float().mean(dim=(2, 3)).numpy()
+    checkpoint["ood"] = fit_mahalanobis(pooled, np.arange(len(images)) % 3, components=8)
+    checkpoint["ood"]["threshold"] = float(np.quantile(mahalanobis_score(checkpoint["ood"], pooled), 0.99))
+    path = save_checkpoint(checkpoint, tmp_path / "ood.pt")
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate_ood.py"), "--checkpoint", str(path),
+         "--data", str(image_folder / "test"), "--limit", "12", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "ood.json").read_text())
+    assert len(report["sets"]) == 6
+    for values in report["sets"].values():
+        assert 0.0 <= values["auroc_mahalanobis"] <= 1.0 and values["n"] > 0
+    assert "AUROC" in completed.stdout
