@@ -298,7 +298,7 @@ def test_out_of_distribution_verdict_is_shown(app, client, xray_png, monkeypatch
     monkeypatch.setattr(predictor, "predict_bytes", flagged)
     assert post_api(client, xray_png).json["ood"] == verdict
     text = page_text(post_form(client, xray_png))
-    assert "looks unlike the X-rays the model was trained on" in text
+    assert "does not look like a frontal chest X-ray" in text and "No prediction" in text
     assert "42.5" in text and "7.5" in text
 
 
@@ -320,7 +320,7 @@ def test_upload_form_page(client):
     text = page_text(response)
     assert '<form class="card upload-form" method="post" action="/predict" enctype="multipart/form-data">' in text
     assert '<label class="field-label" for="file">Chest X-ray image</label>' in text
-    assert 'accept="image/png,.png,image/jpeg,.jpg,.jpeg"' in text
+    assert 'accept="image/png,.png,image/jpeg,.jpg,.jpeg,application/dicom,.dcm"' in text
     assert NOTICE in text
     assert "covidscan-test" in text and "test-1" in text
     assert "64 MB" in text
