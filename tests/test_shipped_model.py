@@ -1,0 +1,45 @@
+"""The shipped default model: format, size, and accuracy on real test X-rays (needs ../shared/data/cxr)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHARED_DATA
+
+SHIPPED_MODEL = REPO_ROOT / "models" / "default.pt"
+MODEL_CARD_METRICS = REPO_ROOT / "docs" / "model" / "test_metrics.json"
+
+
+def test_shipped_model_format_and_size():
+    checkpoint = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    assert checkpoint["arch"] == "resnet152"
+    assert checkpoint["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert "temperature" in checkpoint and "ood" in checkpoint
+    assert SHIPPED_MODEL.stat().st_size <= 125 * 2**20
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.slow
+def test_shipped_model_predicts_real_test_images_as_the_card_claims():
+    """A seeded sample of 90 test images through the app's normal path; accuracy within noise of the card."""
+    from app import create_app
+
+    app = create_app({"TESTING": True, "SECRET_KEY": "test", "MODEL_PATH": str(SHIPPED_MODEL), "RATE_LIMIT": "off"})
+    client = app.test_client()
+    claimed = json.loads(MODEL_CARD_METRICS.read_text())["accuracy"]
+    rng = random.Random(0)
+    samples = []
+    for class_name in ("COVID", "NORMAL", "PNEUMONIA"):
+        files = sorted((SHARED_DATA / "test" / class_name).iterdir())
+        samples.extend((path, class_name) for path in rng.sample(files, 30))
+    correct = 0
+    for path, class_name in samples:
+        response = client.post("/api/v1/predict", data={"file": (path.open("rb"), "x.jpg")})
+        assert response.status_code == 200, response.get_json()
+        correct += response.get_json()["label"] == class_name
+    accuracy = correct / len(samples)
+    # 90 images: the binomial standard error near 0.9 is ~0.03; allow three of them.
+    assert accuracy >= claimed - 0.10, (accuracy, claimed)
