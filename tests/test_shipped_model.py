@@ -43,3 +43,51 @@ def test_shipped_model_predicts_real_test_images_as_the_card_claims():
     accuracy = correct / len(samples)
     # 90 images: the binomial standard error near 0.9 is ~0.03; allow three of them.
     assert accuracy >= claimed - 0.10, (accuracy, claimed)
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.slow
+def test_real_xray_wrapped_as_dicom_gets_the_same_answer():
+    """A real test X-ray as PNG and as three kinds of DICOM: same class, probabilities within 0.02 (issue 9)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.uid import RLELossless
+
+    from app import create_app
+    from test_dicom import SECRETS, make_dataset, to_bytes
+
+    app = create_app({"TESTING": True, "SECRET_KEY": "test", "MODEL_PATH": str(SHIPPED_MODEL), "RATE_LIMIT": "off"})
+    client = app.test_client()
+    path = sorted((SHARED_DATA / "test" / "COVID").iterdir())[0]
+    pixels = np.asarray(Image.open(path).convert("L"))
+
+    def predict(data, name):
+        response = client.post("/api/v1/predict", data={"file": (io.BytesIO(data), name)})
+        assert response.status_code == 200, response.get_json()
+        for secret in SECRETS:
+            assert secret not in response.get_data(as_text=True)
+        return response.get_json()
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    reference = predict(buffer.getvalue(), "x.png")
+    # MONOCHROME1, 12 bits stored in 16: inverted and scaled pixels, undone by rescale, window and inversion.
+    stored = (4095 - (pixels.astype(np.uint16) * 16)).astype(np.uint16)
+    monochrome1 = make_dataset(stored, photometric="MONOCHROME1", bits_stored=12, RescaleSlope=2,
+                               RescaleIntercept=-1000, WindowCenter=3095, WindowWidth=8190)
+    rle = make_dataset(pixels)
+    rle.compress(RLELossless)
+    variants = {
+        "MONOCHROME2 8-bit": to_bytes(make_dataset(pixels)),
+        "MONOCHROME1 16-bit": to_bytes(monochrome1),
+        "RLE lossless": to_bytes(rle),
+    }
+    for name, data in variants.items():
+        answer = predict(data, "scan")
+        assert answer["label"] == reference["label"], name
+        for class_name, probability in reference["probabilities"].items():
+            assert abs(answer["probabilities"][class_name] - probability) <= 0.02, (name, class_name)
+    ct = client.post("/api/v1/predict", data={"file": (io.BytesIO(to_bytes(make_dataset(pixels, Modality="CT"))), "ct")})
+    assert ct.status_code == 400 and "CT" in ct.get_json()["error"]
