@@ -1,6 +1,5 @@
 """Property tests of the upload decoder: whatever the bytes, it returns an image or raises one of our two errors."""
 
-import io
 import os
 
 import numpy as np
@@ -28,27 +27,11 @@ def small_gray(seed=0, size=(64, 80)):
 
 
 def dicom_seed():
-    """A small valid DICOM file, when pydicom is installed (it is a runtime dependency)."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    """A small valid DICOM file (the shared test factory of tests/test_dicom.py)."""
+    from test_dicom import make_dataset, to_bytes
 
     pixels = make_xray_array(3, size=(48, 40)).astype(np.uint16) * 16
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality, dataset.PatientName = "DX", "Fuzz^Patient"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    dataset.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
-    return buffer.getvalue()
+    return to_bytes(make_dataset(pixels, bits_stored=12, PatientName="Fuzz^Patient"))
 
 
 SEEDS = {

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from model.preparation import (
     MANIFEST_COLUMNS,
@@ -486,22 +484,10 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, arguments):
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", modality="CR") -> Path:
     """Write a single-frame grayscale DICOM file (8- or 16-bit), as the RSNA challenge ships its images."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.PatientID = path.stem
-    dataset.Modality, dataset.ViewPosition = modality, "PA"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
-    dataset.BitsAllocated = dataset.BitsStored = pixels.dtype.itemsize * 8
-    dataset.HighBit, dataset.PixelRepresentation = dataset.BitsStored - 1, 0
-    dataset.PixelData = pixels.tobytes()
+    from test_dicom import make_dataset, to_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(path, enforce_file_format=True)
+    path.write_bytes(to_bytes(make_dataset(pixels, photometric=photometric, Modality=modality, PatientID=path.stem)))
     return path
 
 

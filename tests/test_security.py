@@ -400,28 +400,10 @@ def test_unusable_rate_limit_storage_stops_start_up(make_app, monkeypatch):
 
 def dicom_with_patient_fields():
     """A small DX DICOM file whose header names a patient (pydicom writes it in memory)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from test_dicom import make_dataset, to_bytes
 
     pixels = make_xray_array(9, size=(128, 128)).astype(np.uint16) * 16
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    for name, value in PATIENT_FIELDS.items():
-        setattr(dataset, name, value)
-    dataset.Modality, dataset.ViewPosition = "DX", "PA"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    dataset.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return to_bytes(make_dataset(pixels, bits_stored=12, **PATIENT_FIELDS))
 
 
 def test_logs_hold_request_ids_but_no_file_names_pixels_or_patient_fields(make_app, caplog):
