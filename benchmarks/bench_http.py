@@ -131,7 +131,8 @@ class GunicornServer:
         self.workers = workers
         environment = {name: value for name, value in os.environ.items() if not name.startswith("COVIDSCAN_")}
         environment.update(COVIDSCAN_MODEL_PATH=str(Path(checkpoint).resolve()),
-                           COVIDSCAN_SECRET_KEY=f"benchmark-{uuid.uuid4().hex}", COVIDSCAN_LOG_LEVEL="WARNING")
+                           COVIDSCAN_SECRET_KEY=f"benchmark-{uuid.uuid4().hex}", COVIDSCAN_LOG_LEVEL="WARNING",
+                           COVIDSCAN_RATE_LIMIT="off")  # a benchmark is one client sending many requests
         if backend:
             environment["COVIDSCAN_INFERENCE_BACKEND"] = backend
         self.environment = environment
