@@ -39,6 +39,8 @@ pytestmark = pytest.mark.slow
 LOAD_SECONDS = float(os.environ.get("COVIDSCAN_LOAD_SECONDS", "20"))
 LOAD_CLIENTS = int(os.environ.get("COVIDSCAN_LOAD_CLIENTS", "16"))
 WARM_UP_SECONDS = float(os.environ.get("COVIDSCAN_LOAD_WARMUP_SECONDS", "8"))
+# The acceptance run uses the shipped model: COVIDSCAN_LOAD_MODEL=models/default.pt (default: the tiny test model).
+LOAD_MODEL = os.environ.get("COVIDSCAN_LOAD_MODEL")
 MEMORY_GROWTH_LIMIT = 0.10
 STUCK_TIMEOUT = 5  # gunicorn --timeout for the stuck-worker tests
 ARTIFACTS = REPO_ROOT / "artifacts"
@@ -202,9 +204,10 @@ class DiskWatch:
 def load_server(tiny_checkpoint_path, tmp_path_factory):
     """gunicorn, 2 workers, production settings, rate limit off, started in an empty folder with its own TMPDIR."""
     workdir, scratch = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("tmpdir")
-    environment = production_environment(tiny_checkpoint_path, MAX_UPLOAD_MB=UPLOAD_LIMIT_MB, RATE_LIMIT="off")
+    model_path = os.path.abspath(LOAD_MODEL) if LOAD_MODEL else tiny_checkpoint_path
+    environment = production_environment(model_path, MAX_UPLOAD_MB=UPLOAD_LIMIT_MB, RATE_LIMIT="off")
     environment["TMPDIR"] = str(scratch)
-    server = start_gunicorn(tiny_checkpoint_path, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log",
+    server = start_gunicorn(model_path, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log",
                             cwd=workdir, environment=environment)
     server.watched_folders = (workdir, scratch)
     try:
