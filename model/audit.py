@@ -27,7 +27,6 @@ from model.data import load_image, make_image_folder, read_manifest_sources
 from model.engine import predict_logits
 from model.errors import DataError
 from model.metrics import _pyplot, compute_metrics, softmax
-from model.network import feature_layer
 from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
@@ -313,19 +312,10 @@ class _PerturbedImages(Dataset):
 
 def predict_split(network, transform, split, *, perturbation=None, seed=0, batch_size=32, workers=0, device="cpu"):
     """Logits and pooled penultimate features (global average of the last block = the input of ``fc``)."""
-    pooled = []
-
-    def record(module, inputs, output):
-        pooled.append(output.float().mean(dim=(2, 3)).cpu())
-
-    handle = feature_layer(network).register_forward_hook(record)
-    try:
-        loader = DataLoader(_PerturbedImages(split, transform, perturbation, seed), batch_size=batch_size,
-                            shuffle=False, num_workers=workers)
-        logits, _ = predict_logits(network, loader, torch.device(device))
-    finally:
-        handle.remove()
-    return logits, torch.cat(pooled).numpy()
+    loader = DataLoader(_PerturbedImages(split, transform, perturbation, seed), batch_size=batch_size,
+                        shuffle=False, num_workers=workers)
+    logits, features, _ = predict_logits(network, loader, torch.device(device), with_features=True)
+    return logits, features
 
 
 # --------------------------------------------------------------------------------------------------
