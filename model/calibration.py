@@ -29,7 +29,8 @@ def negative_log_likelihood(logits, targets, temperature=1.0):
     return float(torch.nn.functional.cross_entropy(logits / temperature, targets))
 
 
-def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_size=32, workers=2, progress=True):
+def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_size=32, workers=2, progress=True,
+                         grid=None, components=None):
     """Add a fitted temperature (on val) and OOD statistics (fitted on train, threshold on val) to ``checkpoint``.
 
     Returns a report dict with the numbers behind the choice.
@@ -38,14 +39,19 @@ def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_s
 
     from model.evaluation import split_outputs
     from model.metrics import expected_calibration_error, softmax
-    from model.ood import fit_mahalanobis, mahalanobis_score, threshold_for_false_flag_rate
+    from model.ood import (
+        DEFAULT_COMPONENTS, DEFAULT_GRID, fit_mahalanobis, mahalanobis_score, threshold_for_false_flag_rate,
+    )
 
     data_root = Path(data_root)
-    options = {"batch_size": batch_size, "workers": workers, "progress": progress, "with_features": True}
+    grid = DEFAULT_GRID if grid is None else grid
+    components = DEFAULT_COMPONENTS if components is None else components
+    options = {"batch_size": batch_size, "workers": workers, "progress": progress, "with_features": True,
+               "feature_grid": grid}
     _, train_features, train_targets, _ = split_outputs(checkpoint, data_root / "train", **options)
     val_logits, val_features, val_targets, _ = split_outputs(checkpoint, data_root / "val", **options)
     temperature = fit_temperature(val_logits, val_targets)
-    statistics = fit_mahalanobis(train_features, train_targets)
+    statistics = fit_mahalanobis(train_features, train_targets, components=components, grid=grid)
     val_scores = mahalanobis_score(statistics, val_features)
     statistics["threshold"] = threshold_for_false_flag_rate(val_scores, false_flag_rate)
     checkpoint["temperature"] = temperature

@@ -8,6 +8,8 @@ import torch
 from tqdm import tqdm
 
 from model.distributed import all_reduce_sum, is_main_process
+from model.network import feature_layer
+from model.ood import pooled_features
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +52,18 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
 
 @torch.inference_mode()
 def predict_logits(network, loader, device, *, channels_last=False, progress=False, description="eval",
-                   with_features=False):
+                   with_features=False, feature_grid=1):
     """Run ``network`` over ``loader``; return (logits, targets) as numpy arrays.
 
-    With ``with_features`` also return the pooled penultimate features (the input of ``fc``):
-    (logits, features, targets).
+    With ``with_features`` also return the last block's activations average-pooled onto a ``feature_grid``
+    square (grid 1: the penultimate features, the input of ``fc``): (logits, features, targets).
     """
     network.eval()
     all_logits, all_features, all_targets = [], [], []
     handle = None
     if with_features:
-        handle = network.avgpool.register_forward_hook(
-            lambda module, inputs, output: all_features.append(output.flatten(1).float().cpu())
+        handle = feature_layer(network).register_forward_hook(
+            lambda module, inputs, output: all_features.append(pooled_features(output, feature_grid).cpu())
         )
     try:
         for images, targets in tqdm(loader, desc=description, leave=False, disable=not progress):

@@ -35,8 +35,8 @@ def split_logits(checkpoint, data_dir, *, batch_size=32, workers=2, device="cpu"
 
 
 def split_outputs(checkpoint, data_dir, *, batch_size=32, workers=2, device="cpu", progress=False,
-                  with_features=False):
-    """Like ``split_logits`` but also returns pooled features (None unless ``with_features``).
+                  with_features=False, feature_grid=1):
+    """Like ``split_logits`` but also returns pooled features (None unless ``with_features``), see ``predict_logits``.
 
     Returns (logits, features, targets, image paths).
     """
@@ -47,7 +47,7 @@ def split_outputs(checkpoint, data_dir, *, batch_size=32, workers=2, device="cpu
     network = build_model_from_checkpoint(checkpoint).to(device)
     outputs = predict_logits(
         network, loader, torch.device(device), progress=progress, description=Path(data_dir).name,
-        with_features=with_features,
+        with_features=with_features, feature_grid=feature_grid,
     )
     logits, features, targets = outputs if with_features else (outputs[0], None, outputs[1])
     return logits, features, targets, [path for path, _ in dataset.samples]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from model.cam import cam_to_image_space, class_activation_maps, overlay_heatmap
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
-from model.ood import mahalanobis_score
+from model.ood import activation_score, input_check_reasons
 from model.runtime import build_runtime_for_predictor
 from model.transforms import build_eval_transform, decode_upload
 
@@ -86,13 +86,14 @@ class Predictor:
         """Decode uploaded bytes (``InvalidImageError`` on bad input) and predict, keeping the decoder's notes."""
         start = time.perf_counter()
         decoded = decode_upload(data)
-        prediction = self.predict_image(decoded.image, with_heatmap=with_heatmap, start=start)
+        prediction = self.predict_image(decoded.image, with_heatmap=with_heatmap, start=start,
+                                        input_reasons=input_check_reasons(decoded))
         prediction.warnings.extend(decoded.warnings)
         prediction.metadata = dict(decoded.metadata)
         return prediction
 
-    def predict_image(self, image, *, with_heatmap=True, start=None):
-        """Predict one decoded grayscale image."""
+    def predict_image(self, image, *, with_heatmap=True, start=None, input_reasons=()):
+        """Predict one decoded grayscale image; ``input_reasons`` are failed input checks (they flag it as OOD)."""
         start = time.perf_counter() if start is None else start
         logits, activations = self.forward(self.preprocess(image))
         probabilities = self.probabilities_from_logits(logits)[0]
@@ -108,14 +109,30 @@ class Predictor:
             probabilities={name: float(p) for name, p in zip(self.class_names, probabilities.tolist())},
             heatmap=heatmap,
             elapsed_ms=(time.perf_counter() - start) * 1000.0,
-            ood=self.ood_check(activations.mean(dim=(2, 3)))[0] if self.ood_statistics else None,
+            ood=self.ood_check(activations, [list(input_reasons)])[0],
         )
 
-    def ood_check(self, pooled_features):
-        """OOD verdicts for a batch of pooled penultimate features (the input of ``fc``)."""
+    def ood_check(self, activations, input_reasons=None):
+        """OOD verdicts for a batch of last-block activations (N x C x H x W), one per image.
+
+        A verdict is ``{"flagged", "score", "threshold", "reasons"}``: flagged when the Mahalanobis score is
+        above the checkpoint's threshold or an input check failed (``input_reasons``, one list per image).
+        None for an image that passed its input checks when the checkpoint has no OOD statistics.
+        """
+        input_reasons = input_reasons or [[] for _ in range(len(activations))]
+        if not self.ood_statistics:
+            return [{"flagged": True, "score": None, "threshold": None, "reasons": list(reasons)} if reasons else None
+                    for reasons in input_reasons]
         threshold = float(self.ood_statistics["threshold"])
-        scores = mahalanobis_score(self.ood_statistics, pooled_features)
-        return [{"flagged": bool(score > threshold), "score": float(score), "threshold": threshold} for score in scores]
+        verdicts = []
+        for score, reasons in zip(activation_score(self.ood_statistics, activations), input_reasons):
+            reasons = list(reasons)
+            if score > threshold:
+                reasons.insert(0, f"Its features are unlike those of the training X-rays "
+                                  f"(out-of-distribution score {score:.1f}, threshold {threshold:.1f}).")
+            verdicts.append({"flagged": bool(reasons), "score": float(score), "threshold": threshold,
+                             "reasons": reasons})
+        return verdicts
 
 
 def _display_copy(image):

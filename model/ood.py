@@ -1,16 +1,35 @@
-"""Out-of-distribution score: Mahalanobis distance of pooled features (Lee et al. 2018), kept small with PCA."""
+"""Out-of-distribution score: Mahalanobis distance of pooled features (Lee et al. 2018), kept small with PCA.
+
+The features are the last block's activations average-pooled onto a coarse ``grid`` x ``grid`` layout
+(2 x 2 by default: 4 x 2048 values for a ResNet-152) rather than the 1 x 1 global pool that feeds ``fc``. The
+layout is what tells a chest X-ray from a CT slice or an X-ray on its side: on the shipped model the 2 x 2 pool
+raised the AUROC for CT/MR slices from 0.94 to 0.99 and for rotated X-rays from 0.94 to 0.99 (docs/model/ood.md).
+"""
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 DEFAULT_COMPONENTS = 128
+DEFAULT_GRID = 2
+# ``colourfulness`` above this is a colour image. Measured: grayscale and sepia-tinted X-rays 0-1, a tinted
+# X-ray with a red marker arrow 9; scikit-image's colour photos 21 (cat) to 59 (astronaut).
+COLOURFUL_LIMIT = 15.0
+COLOURFUL_REASON = "The image is in colour; chest X-rays are grayscale."
 
 
-def fit_mahalanobis(features, targets, *, components=DEFAULT_COMPONENTS):
+def pooled_features(activations, grid=1):
+    """Last-block activations (N x C x H x W) average-pooled to N x (C * grid * grid); grid 1 is ``fc``'s input."""
+    activations = torch.as_tensor(activations).float()
+    return F.adaptive_avg_pool2d(activations, grid).flatten(1)
+
+
+def fit_mahalanobis(features, targets, *, components=DEFAULT_COMPONENTS, grid=1):
     """Fit class means and a shared (tied) covariance in a PCA subspace of the pooled features.
 
-    Returns a dict of plain lists/tensors for the checkpoint: mean, projection (D x k),
-    class_means (C x k), precision (k x k).
+    ``features`` come from ``pooled_features(activations, grid)``; the grid is stored with the statistics.
+    Returns a dict of tensors for the checkpoint: mean, projection (D x k), class_means (C x k),
+    precision (k x k), and the grid.
     """
     features = np.asarray(features, dtype=np.float64)
     targets = np.asarray(targets)
@@ -28,6 +47,7 @@ def fit_mahalanobis(features, targets, *, components=DEFAULT_COMPONENTS):
     covariance += np.eye(components) * 1e-6 * np.trace(covariance) / components  # keep it invertible
     return {
         "method": "mahalanobis",
+        "grid": int(grid),
         "mean": torch.tensor(mean, dtype=torch.float32),
         "projection": torch.tensor(projection, dtype=torch.float32),
         "class_means": torch.tensor(class_means, dtype=torch.float32),
@@ -44,6 +64,11 @@ def mahalanobis_score(statistics, features):
     return distances.min(dim=1).values.clamp_min(0).sqrt().numpy()
 
 
+def activation_score(statistics, activations):
+    """``mahalanobis_score`` of last-block activations, pooled onto the grid the statistics were fitted on."""
+    return mahalanobis_score(statistics, pooled_features(activations, int(statistics.get("grid", 1))))
+
+
 def energy_score(logits, temperature=1.0):
     """Negative free energy -T * logsumexp(logits / T), sign flipped so that higher = more OOD."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
@@ -53,3 +78,28 @@ def energy_score(logits, temperature=1.0):
 def threshold_for_false_flag_rate(scores, rate=0.01):
     """Score above which only ``rate`` of the given in-distribution scores lie."""
     return float(np.quantile(np.asarray(scores), 1.0 - rate))
+
+
+def colourfulness(image, *, max_side=256):
+    """Colour in a PIL image that a tint cannot explain (0 for grayscale modes and tinted grayscale).
+
+    Hasler & Suesstrunk's opponent channels (red-green, yellow-blue), each with its least-squares linear fit on
+    luminance removed (that is what a sepia or warm-light tint is), then the spread of what is left.
+    """
+    if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return 0.0
+    thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((max_side, max_side))
+    pixels = np.asarray(thumbnail, dtype=np.float64).reshape(-1, 3)
+    red, green, blue = pixels.T
+    luminance = np.c_[0.299 * red + 0.587 * green + 0.114 * blue, np.ones(len(pixels))]
+    spreads = []
+    for opponent in (red - green, 0.5 * (red + green) - blue):
+        coefficients, *_ = np.linalg.lstsq(luminance, opponent, rcond=None)
+        spreads.append((opponent - luminance @ coefficients).std())
+    return float(np.hypot(*spreads))
+
+
+def input_check_reasons(decoded):
+    """Model-independent reasons why a decoded upload (``model.transforms.DecodedImage``) is not a chest X-ray."""
+    return [COLOURFUL_REASON] if decoded.colourfulness > COLOURFUL_LIMIT else []

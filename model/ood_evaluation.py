@@ -11,8 +11,11 @@ from PIL import Image, ImageDraw, ImageOps
 from sklearn.metrics import roc_auc_score
 
 from model.errors import InvalidImageError
-from model.ood import energy_score, mahalanobis_score
-from model.transforms import decode_image
+from model.ood import (
+    activation_score, energy_score, fit_mahalanobis, input_check_reasons, mahalanobis_score, pooled_features,
+    threshold_for_false_flag_rate,
+)
+from model.transforms import DecodedImage, decode_image, decode_upload
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ def _as_upload(image):
     """Round-trip a PIL image through PNG bytes and the upload decoder, as an uploaded file would go."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return decode_image(buffer.getvalue())
+    return decode_upload(buffer.getvalue())
 
 
 def _views(image, rng, count):
@@ -113,31 +116,68 @@ def transformed_xrays(paths, operation):
     """Real test X-rays rotated by 90 degrees or inverted."""
     images = [decode_image(Path(path).read_bytes()) for path in paths]
     if operation == "rotate90":
-        return [image.rotate(90, expand=True) for image in images]
-    return [ImageOps.invert(image) for image in images]
+        return [_decoded(image.rotate(90, expand=True)) for image in images]
+    return [_decoded(ImageOps.invert(image)) for image in images]
+
+
+def _decoded(image):
+    """A grayscale PIL image as the upload decoder would return it."""
+    return DecodedImage(image, {"rows": image.height, "columns": image.width}, [])
 
 
 @torch.inference_mode()
-def score_images(predictor, images, batch_size=32):
-    """Mahalanobis and energy scores of decoded images through the predictor's own preprocessing."""
-    mahalanobis, energy = [], []
+def forward_images(predictor, images, batch_size=32):
+    """Logits and last-block activations of decoded grayscale images through the predictor's preprocessing."""
+    all_logits, all_activations = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.cat([predictor.preprocess(image) for image in images[start:start + batch_size]])
         logits, activations = predictor.forward(batch)
-        pooled = activations.float().mean(dim=(2, 3))
-        mahalanobis.append(mahalanobis_score(predictor.ood_statistics, pooled))
-        energy.append(energy_score(logits, predictor.temperature))
-    return np.concatenate(mahalanobis), np.concatenate(energy)
+        all_logits.append(logits.float())
+        all_activations.append(activations.float())
+    return torch.cat(all_logits), torch.cat(all_activations)
 
 
-def evaluate_ood(predictor, test_dir, *, limit=300, seed=0):
-    """AUROC of each score for real test X-rays against each OOD set, and the false-flag rate on the real ones."""
+def fit_grid_statistics(predictor, data_root, grids, *, components, train_limit=None, seed=0, false_flag_rate=0.01):
+    """Refit Mahalanobis statistics on ``train`` (threshold on ``val``) for each pooling grid, from one pass."""
+    rng = random.Random(seed)
+    fitted = {}
+    pooled = {}
+    for split in ("train", "val"):
+        paths = _image_paths(Path(data_root) / split)
+        if split == "train" and train_limit:
+            paths = sorted(rng.sample(paths, min(train_limit, len(paths))))
+        targets = np.array([predictor.class_names.index(path.parent.name) for path in paths])
+        features = {grid: [] for grid in grids}
+        for start in range(0, len(paths), 64):
+            images = [decode_image(path.read_bytes()) for path in paths[start:start + 64]]
+            _, activations = forward_images(predictor, images)
+            for grid in grids:
+                features[grid].append(pooled_features(activations, grid).numpy())
+        pooled[split] = ({grid: np.concatenate(values) for grid, values in features.items()}, targets)
+    for grid in grids:
+        statistics = fit_mahalanobis(pooled["train"][0][grid], pooled["train"][1], components=components, grid=grid)
+        statistics["threshold"] = threshold_for_false_flag_rate(
+            mahalanobis_score(statistics, pooled["val"][0][grid]), false_flag_rate)
+        fitted[grid] = statistics
+    return fitted
+
+
+def _image_paths(folder):
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
+    """AUROC of each score for real test X-rays against each OOD set, and the flag rates at the threshold.
+
+    ``compare`` maps a label to other fitted Mahalanobis statistics (e.g. ``fit_grid_statistics``) to report
+    their AUROC and flag rate beside the checkpoint's own.
+    """
     if not predictor.ood_statistics:
         raise InvalidImageError("this checkpoint has no OOD statistics; re-export it with --calibrate")
     rng = random.Random(seed)
-    paths = sorted(p for p in Path(test_dir).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    paths = _image_paths(test_dir)
     paths = rng.sample(paths, min(limit, len(paths)))
-    real_images = [decode_image(path.read_bytes()) for path in paths]
+    real = [_decoded(decode_image(path.read_bytes())) for path in paths]
     sets = {
         "natural photos (scikit-image)": [_as_upload(image) for image in natural_photos(rng)],
         "CT/MR slices (pydicom)": [_as_upload(image) for image in ct_mr_slices(rng)],
@@ -146,35 +186,76 @@ def evaluate_ood(predictor, test_dir, *, limit=300, seed=0):
         "X-rays rotated 90°": transformed_xrays(paths[:60], "rotate90"),
         "X-rays inverted": transformed_xrays(paths[:60], "invert"),
     }
+    compare = compare or {}
     threshold = float(predictor.ood_statistics["threshold"])
-    real_mahalanobis, real_energy = score_images(predictor, real_images)
+
+    def scores(decoded_images):
+        logits, activations = forward_images(predictor, [decoded.image for decoded in decoded_images])
+        verdicts = predictor.ood_check(activations, [input_check_reasons(decoded) for decoded in decoded_images])
+        return {
+            "mahalanobis": np.array([verdict["score"] for verdict in verdicts]),
+            "energy": energy_score(logits, predictor.temperature),
+            "flagged": np.array([verdict["flagged"] for verdict in verdicts]),
+            "input_check": np.array([bool(input_check_reasons(decoded)) for decoded in decoded_images]),
+            **{label: activation_score(statistics, activations) for label, statistics in compare.items()},
+        }
+
+    real_scores = scores(real)
     report = {
         "threshold": threshold,
-        "real": {"n": len(real_images), "false_flag_rate": float((real_mahalanobis > threshold).mean())},
+        "grid": int(predictor.ood_statistics.get("grid", 1)),
+        "real": {"n": len(real), "false_flag_rate": float(real_scores["flagged"].mean())},
+        "compare": {label: {"grid": int(statistics.get("grid", 1)), "threshold": float(statistics["threshold"]),
+                            "false_flag_rate": float((real_scores[label] > statistics["threshold"]).mean())}
+                    for label, statistics in compare.items()},
         "sets": {},
     }
-    for name, images in sets.items():
-        mahalanobis, energy = score_images(predictor, images)
-        labels = np.r_[np.zeros(len(real_images)), np.ones(len(images))]
+    for name, decoded_images in sets.items():
+        set_scores = scores(decoded_images)
+        labels = np.r_[np.zeros(len(real)), np.ones(len(decoded_images))]
+
+        def auroc(key):
+            return float(roc_auc_score(labels, np.r_[real_scores[key], set_scores[key]]))
+
+        # Inputs refused by an input check rank above every score: an AUROC for the whole detector.
+        both = np.r_[real_scores["mahalanobis"], set_scores["mahalanobis"]]
+        combined = np.where(np.r_[real_scores["input_check"], set_scores["input_check"]], both.max() + 1.0, both)
         report["sets"][name] = {
-            "n": len(images),
-            "auroc_mahalanobis": float(roc_auc_score(labels, np.r_[real_mahalanobis, mahalanobis])),
-            "auroc_energy": float(roc_auc_score(labels, np.r_[real_energy, energy])),
-            "flag_rate": float((mahalanobis > threshold).mean()),
+            "n": len(decoded_images),
+            "auroc_mahalanobis": auroc("mahalanobis"),
+            "auroc_with_input_checks": float(roc_auc_score(labels, combined)),
+            "auroc_energy": auroc("energy"),
+            "flag_rate": float(set_scores["flagged"].mean()),
+            "input_check_rate": float(set_scores["input_check"].mean()),
+            "compare": {label: {"auroc": auroc(label),
+                                "flag_rate": float((set_scores[label] > compare[label]["threshold"]).mean())}
+                        for label in compare},
         }
     return report
 
 
 def format_ood_report(report):
-    """Markdown table of an ``evaluate_ood`` report."""
+    """Markdown tables of an ``evaluate_ood`` report."""
     lines = [
         f"Real test X-rays: n={report['real']['n']}, false-flag rate {report['real']['false_flag_rate']:.3f} "
-        f"(threshold {report['threshold']:.2f})",
+        f"(Mahalanobis on a {report['grid']}x{report['grid']} pool, threshold {report['threshold']:.2f}, "
+        "plus the input checks)",
         "",
-        "| OOD set | n | AUROC Mahalanobis | AUROC energy | flagged at threshold |",
-        "|---|---:|---:|---:|---:|",
+        "| OOD set | n | AUROC Mahalanobis | AUROC with input checks | AUROC energy | flagged | by input check |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, values in report["sets"].items():
-        lines.append(f"| {name} | {values['n']} | {values['auroc_mahalanobis']:.3f} | {values['auroc_energy']:.3f} "
-                     f"| {values['flag_rate']:.2f} |")
+        lines.append(f"| {name} | {values['n']} | {values['auroc_mahalanobis']:.3f} "
+                     f"| {values['auroc_with_input_checks']:.3f} | {values['auroc_energy']:.3f} "
+                     f"| {values['flag_rate']:.2f} | {values['input_check_rate']:.2f} |")
+    if report.get("compare"):
+        labels = list(report["compare"])
+        lines += ["", "Refitted Mahalanobis statistics for comparison (AUROC / flagged at their own 1 % val threshold):",
+                  "", "| OOD set | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        lines.append("| real test X-rays, false flags | " + " | ".join(
+            f"{report['compare'][label]['false_flag_rate']:.3f}" for label in labels) + " |")
+        for name, values in report["sets"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{values['compare'][label]['auroc']:.3f} / {values['compare'][label]['flag_rate']:.2f}"
+                for label in labels) + " |")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
 from model.errors import InvalidImageError, UnsupportedImageError
+from model.ood import colourfulness
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class DecodedImage:
     image: Image.Image  # 8-bit grayscale ("L")
     metadata: dict  # format, rows, columns; for DICOM also technical header fields, never patient data
     warnings: list  # plain sentences to show next to the result, e.g. a lateral view
+    colourfulness: float = 0.0  # model.ood.colourfulness of the file before the grayscale conversion
 
 
 def decode_upload(data, *, max_pixels=MAX_PIXELS):
@@ -66,7 +68,7 @@ def decode_upload(data, *, max_pixels=MAX_PIXELS):
         raise InvalidImageError("The image is damaged or truncated and cannot be read.") from error
     grayscale = to_grayscale(image)
     metadata = {"format": image_format, "rows": grayscale.height, "columns": grayscale.width}
-    return DecodedImage(grayscale, metadata, [])
+    return DecodedImage(grayscale, metadata, [], colourfulness=colourfulness(image))
 
 
 def decode_image(data, *, max_pixels=MAX_PIXELS):

@@ -19,6 +19,11 @@ def get_args_parser():
     parser.add_argument("--output-dir", default="outputs/ood")
     parser.add_argument("--limit", type=int, default=300, help="real test X-rays to sample")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-grids", type=int, nargs="*", default=[],
+                        help="also refit Mahalanobis statistics pooled on these grids (e.g. 1 2) and compare them")
+    parser.add_argument("--fit-data", help="dataset root with train/ and val/ for --compare-grids")
+    parser.add_argument("--fit-limit", type=int, default=None, help="train images to sample for --compare-grids")
+    parser.add_argument("--components", type=int, default=None, help="PCA components for --compare-grids")
     return parser
 
 
@@ -26,11 +31,20 @@ def main(args):
     """Score every set and write ood.json and ood.md."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from model.inference import Predictor
-    from model.ood_evaluation import evaluate_ood, format_ood_report
+    from model.ood import DEFAULT_COMPONENTS
+    from model.ood_evaluation import evaluate_ood, fit_grid_statistics, format_ood_report
 
+    if args.compare_grids and not args.fit_data:
+        sys.exit("error: --compare-grids needs --fit-data (the dataset root with train/ and val/)")
     try:
         predictor = Predictor.from_path(args.checkpoint, backend="eager")
-        report = evaluate_ood(predictor, args.data, limit=args.limit, seed=args.seed)
+        compare = {}
+        if args.compare_grids:
+            fitted = fit_grid_statistics(predictor, args.fit_data, args.compare_grids,
+                                         components=args.components or DEFAULT_COMPONENTS,
+                                         train_limit=args.fit_limit, seed=args.seed)
+            compare = {f"{grid}x{grid} pool": statistics for grid, statistics in fitted.items()}
+        report = evaluate_ood(predictor, args.data, limit=args.limit, seed=args.seed, compare=compare)
     except CovidScanError as error:
         sys.exit(f"error: {error}")
     output_dir = Path(args.output_dir)

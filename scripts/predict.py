@@ -69,7 +69,7 @@ def main(args):
                             progress=not args.no_progress)
     elapsed = time.perf_counter() - start
     ranked = rank_by_urgency(records)
-    write_csv(ranked, args.output, predictor.class_names, with_ood=bool(predictor.ood_statistics))
+    write_csv(ranked, args.output, predictor.class_names)
 
     failed = sum(1 for record in records if record["error"])
     print(f"{len(records)} input(s): {len(records) - failed} predicted, {failed} unreadable (reasons in the CSV); "
@@ -132,26 +132,29 @@ class TriageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from model.transforms import decode_image
+        """(index, tensor, error reason, failed input checks); tensor None and a reason for a bad file."""
+        from model.ood import input_check_reasons
+        from model.transforms import decode_upload
 
         try:
-            return index, self.transform(decode_image(self.paths[index].read_bytes())), None
+            decoded = decode_upload(self.paths[index].read_bytes())
+            return index, self.transform(decoded.image), None, input_check_reasons(decoded)
         except CovidScanError as error:
-            return index, None, str(error)
+            return index, None, str(error), []
         except OSError as error:
-            return index, None, f"cannot read the file ({error.strerror or type(error).__name__})"
+            return index, None, f"cannot read the file ({error.strerror or type(error).__name__})", []
         except Exception as error:  # one odd file must not stop a triage run; logged, then reported in the CSV
             logger.exception("unexpected error while decoding input #%d", index)
-            return index, None, f"unexpected error while decoding ({type(error).__name__})"
+            return index, None, f"unexpected error while decoding ({type(error).__name__})", []
 
 
 def collate_good_and_bad(items):
     """Stack the decoded images of a batch; keep the failures aside as (index, reason)."""
-    good = [(index, tensor) for index, tensor, reason in items if reason is None]
-    bad = [(index, reason) for index, _, reason in items if reason is not None]
-    indices = [index for index, _ in good]
-    batch = torch.stack([tensor for _, tensor in good]) if good else None
-    return indices, batch, bad
+    good = [(index, tensor, checks) for index, tensor, reason, checks in items if reason is None]
+    bad = [(index, reason) for index, _, reason, _ in items if reason is not None]
+    indices = [index for index, _, _ in good]
+    batch = torch.stack([tensor for _, tensor, _ in good]) if good else None
+    return indices, batch, bad, [checks for _, _, checks in good]
 
 
 def predict_paths(predictor, paths, *, batch_size=16, workers=2, progress=True):
@@ -167,17 +170,16 @@ def predict_paths(predictor, paths, *, batch_size=16, workers=2, progress=True):
     )
     records = [None] * len(paths)
     with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
-        for indices, batch, bad in loader:
+        for indices, batch, bad, input_reasons in loader:
             for index, reason in bad:
                 records[index] = make_record(paths[index], error=reason)
             if batch is not None:
                 logits, activations = predictor.forward(batch)
                 probabilities = predictor.probabilities_from_logits(logits)
-                ood = predictor.ood_check(activations.float().mean(dim=(2, 3))) if predictor.ood_statistics else None
+                ood = predictor.ood_check(activations, input_reasons)
                 for position, index in enumerate(indices):
                     values = dict(zip(predictor.class_names, probabilities[position].tolist()))
-                    records[index] = make_record(paths[index], probabilities=values,
-                                                 ood=ood[position] if ood else None)
+                    records[index] = make_record(paths[index], probabilities=values, ood=ood[position])
             bar.update(len(indices) + len(bad))
     return records
 
@@ -204,12 +206,13 @@ def rank_by_urgency(records):
     return predicted + failed
 
 
-def write_csv(records, output, class_names, *, with_ood):
+def write_csv(records, output, class_names):
     """Write the ranked rows atomically (temporary file in the same folder, then rename)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     columns = ["rank", "path", "label", "urgency"] + [f"probability_{name}" for name in class_names]
-    columns += ["ood_flagged", "ood_score"] if with_ood else []
+    # The input checks run for every checkpoint; the score needs one exported with --calibrate.
+    columns += ["ood_flagged", "ood_score", "ood_reasons"]
     columns += ["error"]
     descriptor, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:
@@ -223,10 +226,10 @@ def write_csv(records, output, class_names, *, with_ood):
                 for name in class_names:
                     value = record["probabilities"].get(name)
                     row[f"probability_{name}"] = "" if value is None else f"{value:.6f}"
-                if with_ood:
-                    ood = record["ood"]
-                    row["ood_flagged"] = "" if ood is None else str(ood["flagged"]).lower()
-                    row["ood_score"] = "" if ood is None else f"{ood['score']:.3f}"
+                ood = record["ood"]
+                row["ood_flagged"] = "" if ood is None else str(ood["flagged"]).lower()
+                row["ood_score"] = "" if ood is None or ood["score"] is None else f"{ood['score']:.3f}"
+                row["ood_reasons"] = "" if ood is None else " ".join(ood.get("reasons", []))
                 writer.writerow(row)
         os.chmod(temporary, 0o644)
         os.replace(temporary, output)

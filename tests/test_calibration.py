@@ -82,12 +82,18 @@ def test_ood_evaluation_reports_every_set(tiny_checkpoint_path, image_folder, tm
     path = save_checkpoint(checkpoint, tmp_path / "ood.pt")
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "evaluate_ood.py"), "--checkpoint", str(path),
-         "--data", str(image_folder / "test"), "--limit", "12", "--output-dir", str(tmp_path / "out")],
+         "--data", str(image_folder / "test"), "--limit", "12", "--output-dir", str(tmp_path / "out"),
+         "--compare-grids", "1", "2", "--fit-data", str(image_folder), "--components", "4"],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "ood.json").read_text())
     assert len(report["sets"]) == 6
     for values in report["sets"].values():
-        assert 0.0 <= values["auroc_mahalanobis"] <= 1.0 and values["n"] > 0
-    assert "AUROC" in completed.stdout
+        assert 0.0 <= values["auroc_mahalanobis"] <= values["auroc_with_input_checks"] <= 1.0 and values["n"] > 0
+        assert set(values["compare"]) == {"1x1 pool", "2x2 pool"}
+    photos = report["sets"]["natural photos (scikit-image)"]
+    assert photos["input_check_rate"] > 0.25, "5 of the 14 scikit-image sample photos are in colour"
+    assert photos["flag_rate"] >= photos["input_check_rate"]
+    assert report["compare"]["2x2 pool"]["grid"] == 2
+    assert "AUROC" in completed.stdout and "2x2 pool" in completed.stdout

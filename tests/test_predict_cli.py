@@ -59,7 +59,9 @@ def test_triage_writes_a_sorted_row_for_every_input_and_exits_zero(tiny_checkpoi
                                                               "not-an-image.jpg", "extensionless-dicom", "explicit.txt"}
     assert sorted(Path(row["path"]).name for row in rows) == sorted(expected)
     assert list(rows[0]) == ["rank", "path", "label", "urgency", "probability_COVID", "probability_NORMAL",
-                             "probability_PNEUMONIA", "error"]
+                             "probability_PNEUMONIA", "ood_flagged", "ood_score", "ood_reasons", "error"]
+    # The tiny checkpoint has no OOD statistics, and these grayscale images pass the input checks.
+    assert all(row["ood_flagged"] == row["ood_score"] == row["ood_reasons"] == "" for row in rows)
 
     good = [row for row in rows if not row["error"]]
     bad = [row for row in rows if row["error"]]
@@ -104,6 +106,26 @@ def test_triage_with_ood_statistics_adds_ood_columns(tiny_checkpoint_path, triag
     rows = read_rows(output)
     assert len(rows) == 3
     assert all(row["ood_flagged"] == "true" and float(row["ood_score"]) > 0 for row in rows)
+    assert all("unlike those of the training X-rays" in row["ood_reasons"] for row in rows)
+
+
+def test_triage_flags_a_colour_photo_without_ood_statistics(tiny_checkpoint_path, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rows_of_colour = np.zeros((96, 96, 3), dtype=np.uint8)
+    rows_of_colour[:, :48] = (220, 30, 30)
+    rows_of_colour[:, 48:] = (30, 60, 220)
+    Image.fromarray(rows_of_colour).save(tmp_path / "photo.jpg")
+    Image.fromarray(rows_of_colour.mean(axis=2).astype(np.uint8)).save(tmp_path / "gray.png")
+    output = tmp_path / "results.csv"
+    result = run_cli(tmp_path / "photo.jpg", tmp_path / "gray.png", "--checkpoint", tiny_checkpoint_path,
+                     "--output", output, "--workers", 0, "--no-progress", "--backend", "eager")
+    assert result.returncode == 0, result.stderr
+    rows = {Path(row["path"]).name: row for row in read_rows(output)}
+    assert rows["photo.jpg"]["ood_flagged"] == "true" and "in colour" in rows["photo.jpg"]["ood_reasons"]
+    assert rows["photo.jpg"]["ood_score"] == ""  # no statistics, so no score
+    assert rows["gray.png"]["ood_flagged"] == ""
 
 
 @pytest.mark.parametrize(
@@ -155,7 +177,9 @@ def test_collate_keeps_good_images_and_failures_apart():
 
     from scripts.predict import collate_good_and_bad
 
-    items = [(0, torch.zeros(3, 4, 4), None), (1, None, "damaged"), (2, torch.ones(3, 4, 4), None)]
-    indices, batch, bad = collate_good_and_bad(items)
+    colour = ["The image is in colour; chest X-rays are grayscale."]
+    items = [(0, torch.zeros(3, 4, 4), None, []), (1, None, "damaged", []), (2, torch.ones(3, 4, 4), None, colour)]
+    indices, batch, bad, checks = collate_good_and_bad(items)
     assert indices == [0, 2] and batch.shape == (2, 3, 4, 4) and bad == [(1, "damaged")]
-    assert collate_good_and_bad([(5, None, "empty")]) == ([], None, [(5, "empty")])
+    assert checks == [[], colour]
+    assert collate_good_and_bad([(5, None, "empty", [])]) == ([], None, [(5, "empty")], [])
