@@ -22,6 +22,9 @@ def get_args_parser():
                         help="dataset root: fit the temperature on DATA/val and OOD statistics on DATA/train")
     parser.add_argument("--false-flag-rate", type=float, default=0.01,
                         help="share of real val X-rays the OOD threshold may flag (default 0.01)")
+    parser.add_argument("--ood-grid", type=int, default=None,
+                        help="pool the last block onto this square grid for the OOD features (default 2; 1 = fc's input)")
+    parser.add_argument("--ood-components", type=int, default=None, help="PCA components of the OOD features (default 128)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--onnx", metavar="PATH", default=None,
                         help="also write the network as ONNX (input 'images'; outputs 'logits' and the last block's "
@@ -44,7 +47,8 @@ def main(args):
 
         try:
             report = calibrate_checkpoint(
-                checkpoint, args.calibrate, false_flag_rate=args.false_flag_rate, workers=args.workers
+                checkpoint, args.calibrate, false_flag_rate=args.false_flag_rate, workers=args.workers,
+                grid=args.ood_grid, components=args.ood_components,
             )
         except CovidScanError as error:
             sys.exit(f"error: {error}")

@@ -1,5 +1,6 @@
 """The shipped default model: format, size, and accuracy on real test X-rays (needs ../shared/data/cxr)."""
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -91,3 +92,69 @@ def test_real_xray_wrapped_as_dicom_gets_the_same_answer():
             assert abs(answer["probabilities"][class_name] - probability) <= 0.02, (name, class_name)
     ct = client.post("/api/v1/predict", data={"file": (io.BytesIO(to_bytes(make_dataset(pixels, Modality="CT"))), "ct")})
     assert ct.status_code == 400 and "CT" in ct.get_json()["error"]
+
+
+def _png(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@functools.cache
+def _not_chest_xrays():
+    """Photos, CT/MR slices saved as PNG and noise images, as a user might upload them by mistake (issue 10)."""
+    import numpy as np
+    import pydicom
+    import skimage.data
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    uploads = {}
+    for name in ("astronaut", "camera", "coffee", "chelsea", "moon"):
+        uploads[f"photo {name}"] = _png(Image.fromarray(getattr(skimage.data, name)()))
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        pixels = pydicom.dcmread(get_testdata_file(name)).pixel_array.astype(np.float64)
+        scaled = (255 * (pixels - pixels.min()) / (pixels.max() - pixels.min())).astype(np.uint8)
+        uploads[f"{name} as PNG"] = _png(Image.fromarray(scaled))
+        uploads[f"{name} as PNG, 512 px"] = _png(Image.fromarray(scaled).resize((512, 512), Image.BICUBIC))
+    rng = np.random.default_rng(0)
+    uploads["uniform noise"] = _png(Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)))
+    uploads["gaussian noise 512 px"] = _png(Image.fromarray(
+        np.clip(rng.normal(128, 40, (512, 512)), 0, 255).astype(np.uint8)))
+    uploads["colour noise"] = _png(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)))
+    return uploads
+
+
+@pytest.fixture(scope="module")
+def shipped_client():
+    from app import create_app
+
+    app = create_app({"TESTING": True, "SECRET_KEY": "test", "MODEL_PATH": str(SHIPPED_MODEL), "RATE_LIMIT": "off"})
+    return app.test_client()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_not_chest_xrays()))
+def test_shipped_model_flags_what_is_not_a_chest_xray(shipped_client, name):
+    import io
+
+    response = shipped_client.post("/api/v1/predict", data={"file": (io.BytesIO(_not_chest_xrays()[name]), "x.png")})
+    assert response.status_code == 200, response.get_json()
+    ood = response.get_json()["ood"]
+    assert ood["flagged"] is True, ood
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.slow
+def test_shipped_model_flags_at_most_2_of_50_real_test_xrays(shipped_client):
+    rng = random.Random(10)
+    paths = sorted(path for path in (SHARED_DATA / "test").rglob("*") if path.is_file())
+    flagged = []
+    for path in rng.sample(paths, 50):
+        response = shipped_client.post("/api/v1/predict", data={"file": (path.open("rb"), "x.png")})
+        assert response.status_code == 200, response.get_json()
+        if response.get_json()["ood"]["flagged"]:
+            flagged.append(path.name)
+    assert len(flagged) <= 2, flagged

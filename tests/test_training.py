@@ -89,6 +89,23 @@ def test_export_half_preserves_metadata(trained, tmp_path):
     assert (tmp_path / "served.pt").stat().st_size < 0.6 * (trained / "best.pt").stat().st_size
 
 
+def test_export_calibrate_stores_temperature_and_grid_ood_statistics(trained, image_folder, tmp_path):
+    from model.inference import Predictor
+
+    completed = run_script("export.py", "--checkpoint", trained / "best.pt", "--output", tmp_path / "served.pt",
+                           "--calibrate", image_folder, "--ood-grid", "2", "--ood-components", "6", "--workers", "0")
+    assert '"ood_val_flag_rate"' in completed.stdout
+    exported = torch.load(tmp_path / "served.pt", weights_only=True)
+    assert exported["temperature"] > 0
+    ood = exported["ood"]
+    assert ood["grid"] == 2 and ood["projection"].shape == (512 * 4, 6) and ood["class_means"].shape == (3, 6)
+    # The threshold sits at the 99th percentile of val scores: 8 val images per class, so at most one flagged.
+    predictor = Predictor.from_path(tmp_path / "served.pt", backend="eager")
+    val_images = sorted((image_folder / "val").rglob("*.png"))
+    flagged = [predictor.predict_bytes(path.read_bytes(), with_heatmap=False).ood["flagged"] for path in val_images]
+    assert sum(flagged) <= 1
+
+
 def test_metrics_match_a_hand_computed_confusion_matrix():
     from model.metrics import compute_metrics
 
