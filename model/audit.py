@@ -869,6 +869,33 @@ def leave_one_source_out(data_root, output_dir, train_args, *, manifest=None, ho
     return result
 
 
+def merge_loso_results(results):
+    """One LOSO result from several runs of the same configuration (e.g. folds run on different machines).
+
+    Folds are kept in order, a later run's fold replacing an earlier one for the same class and source; the
+    configurations must agree (worker and thread counts aside, which ``_loso_config`` leaves out).
+    """
+    if not results:
+        raise DataError("nothing to merge")
+    config = results[0]["config"]
+    for other in results[1:]:
+        if other["config"] != config:
+            changed = sorted(key for key in set(config) | set(other["config"])
+                             if config.get(key) != other["config"].get(key))
+            raise DataError(f"cannot merge LOSO runs with different configurations (they differ in {', '.join(changed)})")
+    folds = {}
+    for result in results:
+        for fold in result["folds"]:
+            folds[(fold["class"], fold["source"])] = fold
+    return {
+        "data": results[0]["data"],
+        "config": config,
+        "sources": {key: value for result in results for key, value in result["sources"].items()},
+        "folds": list(folds.values()),
+        "wall_seconds": sum(result["wall_seconds"] for result in results),
+    }
+
+
 def _evaluate_holdout(checkpoint_path, entries, class_name, source, *, batch_size, workers, device):
     """Sensitivity of a fold's model on the held-out source's test images of the class, and on the kept sources."""
     checkpoint = load_checkpoint(checkpoint_path)

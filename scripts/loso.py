@@ -5,6 +5,7 @@ Takes every option of scripts/train.py (passed through to the project's trainer)
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.errors import CovidScanError  # noqa: E402
 
-LOSO_ONLY_OPTIONS = ("holdout", "min_train_images", "eval_batch_size")
+LOSO_ONLY_OPTIONS = ("holdout", "min_train_images", "eval_batch_size", "merge")
 
 
 def _train_script():
@@ -39,6 +40,9 @@ def get_args_parser():
                              "that has two or more sources with --min-train-images train images")
     parser.add_argument("--min-train-images", type=int, default=50)
     parser.add_argument("--eval-batch-size", type=int, default=32, help="batch size on the held-out test images")
+    parser.add_argument("--merge", nargs="+", metavar="LOSO_JSON", default=None,
+                        help="instead of training, merge loso.json files of the same configuration into "
+                             "OUTPUT_DIR/loso.json (e.g. folds run separately); --data is then not read")
     return parser
 
 
@@ -47,8 +51,21 @@ def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from model.audit import format_loso_markdown, leave_one_source_out
+    from model.audit import format_loso_markdown, leave_one_source_out, merge_loso_results
 
+    if args.merge:
+        try:
+            result = merge_loso_results([json.loads(Path(path).read_text()) for path in args.merge])
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: cannot read the --merge files: {error}")
+        except CovidScanError as error:
+            sys.exit(f"error: {error}")
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "loso.json").write_text(json.dumps(result, indent=2))
+        (output_dir / "loso.md").write_text(format_loso_markdown(result) + "\n")
+        print(format_loso_markdown(result))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     train_args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key not in LOSO_ONLY_OPTIONS})

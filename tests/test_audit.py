@@ -59,11 +59,11 @@ def write_sourced_dataset(root, counts, size=(64, 64)):
     return root
 
 
-def run_script(script, *arguments):
-    """Run a script from scripts/ as a user would; fail with its output when it fails."""
+def run_script(script, *arguments, check=True):
+    """Run a script from scripts/ as a user would; fail with its output when it fails (unless ``check=False``)."""
     completed = subprocess.run([PYTHON, str(REPO_ROOT / "scripts" / script), *map(str, arguments)],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    if completed.returncode != 0:
+    if check and completed.returncode != 0:
         raise AssertionError(f"{script} failed:\n{completed.stdout}\n{completed.stderr}")
     return completed
 
@@ -297,3 +297,25 @@ def test_loso_rerun_reuses_finished_folds_and_refuses_another_configuration(loso
     with pytest.raises(DataError, match="another configuration"):
         audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "epochs": 2}),
                                    min_train_images=6, workers=0)
+
+
+def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):
+    _, _, result = loso_run
+    first, second = ({**result, "folds": [fold]} for fold in result["folds"])
+    paths = []
+    for index, part in enumerate((first, second, first)):  # the repeated fold replaces the earlier copy
+        paths.append(tmp_path / f"part{index}.json")
+        paths[-1].write_text(json.dumps(part))
+    merged_dir = tmp_path / "merged"
+    completed = run_script("loso.py", "--data", "unused", "--output-dir", merged_dir, "--merge", *paths)
+    merged = json.loads((merged_dir / "loso.json").read_text())
+    assert [(fold["class"], fold["source"]) for fold in merged["folds"]] == [("NORMAL", "srca"), ("NORMAL", "srcb")]
+    assert merged["config"] == result["config"] and "held-out sensitivity" in completed.stdout
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**second, "config": {**result["config"], "recipe": "robust"}}))
+    failed = run_script("loso.py", "--data", "unused", "--output-dir", merged_dir, "--merge", paths[0], other,
+                        check=False)
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "error: cannot merge LOSO runs with different configurations (they differ in recipe)")
