@@ -25,7 +25,10 @@ MAX_PIXELS = 50_000_000
 MIN_SIDE = 32
 MAX_ASPECT_RATIO = 8.0
 RECIPES = ("tutorial", "robust")
-INTENSITY_MODES = ("none", "equalize", "autocontrast")
+INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
+# CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = 8
 RESIZE_MODES = ("squash", "letterbox")
 
 # Pillow must never hand us a half-decoded image silently.
@@ -130,19 +133,44 @@ def _scale_to_uint8(pixels):
 
 
 class IntensityNormalize:
-    """Per-image intensity normalisation, removing the grey-level signature of each scanner and site."""
+    """Per-image intensity normalisation, removing the grey-level signature of each scanner and site.
+
+    ``equalize``: histogram equalisation of the whole image; black padding and borders count in the histogram.
+    ``equalize_foreground``: the same, with the histogram taken over non-black pixels only, so that a black
+    border or the letterbox padding does not shift every grey level. ``clahe``: contrast-limited adaptive
+    equalisation (OpenCV), which works per tile. ``autocontrast``: a 1 % percentile stretch.
+    """
 
     def __init__(self, mode="none"):
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {INTENSITY_MODES}")
         self.mode = mode
+        self._clahe = None
 
     def __call__(self, image):
         if self.mode == "equalize":
             return ImageOps.equalize(image)
+        if self.mode == "equalize_foreground":
+            foreground = image.point(lambda value: 255 if value > 0 else 0)
+            if foreground.getbbox() is None:
+                return image
+            return ImageOps.equalize(image, mask=foreground)
+        if self.mode == "clahe":
+            return Image.fromarray(self._clahe_operator().apply(np.asarray(image, dtype=np.uint8)), mode="L")
         if self.mode == "autocontrast":
             return ImageOps.autocontrast(image, cutoff=1)
         return image
+
+    def _clahe_operator(self):
+        # Imported on first use; a cv2.CLAHE object cannot be pickled into DataLoader workers, so build it lazily.
+        if self._clahe is None:
+            import cv2
+
+            self._clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
+        return self._clahe
+
+    def __getstate__(self):
+        return {"mode": self.mode, "_clahe": None}
 
     def __repr__(self):
         return f"{type(self).__name__}(mode={self.mode!r})"
@@ -217,16 +245,21 @@ class RandomAcquisition:
         return f"{type(self).__name__}(probability={self.probability})"
 
 
-def eval_transform_params(*, image_size=224, recipe="tutorial"):
-    """Return the plain-dict description of the eval transform that is stored in checkpoints."""
+def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None):
+    """Return the plain-dict description of the eval transform that is stored in checkpoints.
+
+    ``intensity`` overrides the recipe's intensity normalisation (one of ``INTENSITY_MODES``).
+    """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+    if intensity is not None and intensity not in INTENSITY_MODES:
+        raise ValueError(f"unknown intensity mode {intensity!r}; choose one of {INTENSITY_MODES}")
     robust = recipe == "robust"
     return {
         "image_size": image_size,
         "resize_mode": "letterbox" if robust else "squash",
         "crop_size": image_size,
-        "intensity": "equalize" if robust else "none",
+        "intensity": intensity or ("equalize" if robust else "none"),
         "channels": 3,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),

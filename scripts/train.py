@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.errors import CovidScanError  # noqa: E402
 from model.network import ARCHITECTURES  # noqa: E402
-from model.transforms import RECIPES  # noqa: E402
+from model.transforms import INTENSITY_MODES, RECIPES  # noqa: E402
 
 
 def get_args_parser():
@@ -24,6 +24,9 @@ def get_args_parser():
                         help="zero-initialise the last BN of each residual block (helps deep nets from scratch)")
     parser.add_argument("--recipe", default="robust", choices=RECIPES,
                         help="'tutorial' = the original recipe; 'robust' = the shortcut-resistant one (default)")
+    parser.add_argument("--intensity", default=None, choices=INTENSITY_MODES,
+                        help="override the recipe's per-image intensity normalisation (robust: equalize; "
+                             "tutorial: none); stored in the checkpoint, so serving applies it too")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

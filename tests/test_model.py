@@ -246,3 +246,49 @@ def test_cam_follows_the_evidence():
     cam = class_activation_maps(activations, head, torch.tensor([1]))[0]
     assert cam[2:, 2:].mean() > cam[:2, :2].mean()
     assert cam.max() == pytest.approx(1.0)
+
+
+def _padded(image, border):
+    padded = Image.new("L", (image.width + 2 * border, image.height + 2 * border), 0)
+    padded.paste(image, (border, border))
+    return padded
+
+
+def test_foreground_equalisation_ignores_black_borders():
+    from model.transforms import IntensityNormalize
+
+    image = Image.fromarray(np.clip(make_xray_array(5, size=(96, 96)), 1, 255))  # no pure black inside
+    padded = _padded(image, 12)
+    inner = (12, 12, 108, 108)
+    foreground = IntensityNormalize("equalize_foreground")
+    assert np.array_equal(np.asarray(foreground(padded).crop(inner)), np.asarray(foreground(image)))
+    plain = IntensityNormalize("equalize")
+    assert not np.array_equal(np.asarray(plain(padded).crop(inner)), np.asarray(plain(image))), \
+        "whole-image equalisation is shifted by the border: the reason for the foreground mode"
+    black = Image.new("L", (32, 32), 0)
+    assert np.array_equal(np.asarray(foreground(black)), np.zeros((32, 32)))
+
+
+def test_clahe_is_local_deterministic_and_survives_pickling():
+    import pickle
+
+    from model.transforms import IntensityNormalize
+
+    image = Image.fromarray(make_xray_array(6, size=(128, 128)))
+    clahe = IntensityNormalize("clahe")
+    once = clahe(image)
+    assert once.mode == "L" and once.size == image.size
+    assert np.array_equal(np.asarray(once), np.asarray(clahe(image)))
+    assert not np.array_equal(np.asarray(once), np.asarray(image))
+    copy = pickle.loads(pickle.dumps(clahe))  # DataLoader workers get a pickled transform
+    assert np.array_equal(np.asarray(copy(image)), np.asarray(once))
+
+
+def test_intensity_override_is_stored_in_the_eval_params():
+    assert eval_transform_params(image_size=64, recipe="robust")["intensity"] == "equalize"
+    params = eval_transform_params(image_size=64, recipe="robust", intensity="clahe")
+    assert params["intensity"] == "clahe"
+    tensor = build_eval_transform(params)(Image.fromarray(make_xray_array(7)))
+    assert tensor.shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="unknown intensity mode"):
+        eval_transform_params(recipe="robust", intensity="gamma")
