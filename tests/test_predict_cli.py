@@ -114,8 +114,8 @@ def test_triage_flags_a_colour_photo_without_ood_statistics(tiny_checkpoint_path
     from PIL import Image
 
     rows_of_colour = np.zeros((96, 96, 3), dtype=np.uint8)
-    rows_of_colour[:, :48] = (220, 30, 30)
-    rows_of_colour[:, 48:] = (30, 60, 220)
+    for index, colour in enumerate([(200, 40, 40), (40, 160, 60), (40, 60, 200), (230, 200, 40)]):
+        rows_of_colour[:, index * 24:(index + 1) * 24] = colour
     Image.fromarray(rows_of_colour).save(tmp_path / "photo.jpg")
     Image.fromarray(rows_of_colour.mean(axis=2).astype(np.uint8)).save(tmp_path / "gray.png")
     output = tmp_path / "results.csv"
