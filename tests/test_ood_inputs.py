@@ -99,3 +99,23 @@ def test_result_page_withholds_the_class_of_a_colour_photo_and_says_why(client):
     assert "No prediction" in page and "does not look like a frontal chest X-ray" in page
     assert "chest X-rays are grayscale" in page
     assert "Where the model looked" not in page
+
+
+def test_noise_has_no_spatial_structure_and_xrays_do():
+    from model.ood import STRUCTURE_LIMIT, neighbour_correlation
+
+    rng = np.random.default_rng(0)
+    uniform = Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8))
+    gaussian = Image.fromarray(np.clip(rng.normal(128, 40, (600, 600)), 0, 255).astype(np.uint8))
+    assert neighbour_correlation(uniform) < 0.3 and neighbour_correlation(gaussian) < 0.3  # resampling adds a little
+    xray = make_xray_array(8, size=(512, 512))
+    noisy = np.clip(xray + rng.normal(0, 8, xray.shape), 0, 255).astype(np.uint8)  # the audit's sensor noise
+    assert neighbour_correlation(Image.fromarray(noisy)) > STRUCTURE_LIMIT + 0.3
+    assert neighbour_correlation(Image.new("L", (64, 64), 0)) == 1.0  # flat: the model decides
+
+
+def test_api_flags_noise_even_without_ood_statistics(client):
+    rng = np.random.default_rng(1)
+    noise = Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8))
+    ood = client.post("/api/v1/predict", data={"file": (io.BytesIO(encode(noise)), "n.png")}).get_json()["ood"]
+    assert ood["flagged"] is True and any("noise" in reason for reason in ood["reasons"])
