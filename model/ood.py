@@ -8,6 +8,7 @@ raised the AUROC for CT/MR slices from 0.94 to 0.99 and for rotated X-rays from 
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 DEFAULT_COMPONENTS = 128
@@ -92,8 +93,7 @@ def colourfulness(image, *, max_side=256):
     """
     if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
         return 0.0
-    thumbnail = image.convert("RGB")
-    thumbnail.thumbnail((max_side, max_side))
+    thumbnail = _shrink(image if image.mode == "RGB" else image.convert("RGB"), max_side)
     pixels = np.asarray(thumbnail, dtype=np.float64).reshape(-1, 3)
     red, green, blue = pixels.T
     luminance = np.c_[0.299 * red + 0.587 * green + 0.114 * blue, np.ones(len(pixels))]
@@ -109,13 +109,21 @@ def neighbour_correlation(image, *, max_side=256):
 
     Any photograph or radiograph is smooth at this scale (close to 1); noise is not (close to 0).
     """
-    thumbnail = image.convert("L")
-    thumbnail.thumbnail((max_side, max_side))
+    thumbnail = _shrink(image if image.mode == "L" else image.convert("L"), max_side)
     pixels = np.asarray(thumbnail, dtype=np.float64)
     left, right = pixels[:, :-1].ravel(), pixels[:, 1:].ravel()
     if left.size < 2 or left.std() == 0 or right.std() == 0:
         return 1.0
     return float(np.corrcoef(left, right)[0, 1])
+
+
+def _shrink(image, max_side):
+    """A copy whose longer side is at most ``max_side`` (the input itself is never modified)."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.BILINEAR, reducing_gap=2.0)
 
 
 def input_check_reasons(decoded):
