@@ -191,12 +191,13 @@ def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
 
     def scores(decoded_images):
         logits, activations = forward_images(predictor, [decoded.image for decoded in decoded_images])
-        verdicts = predictor.ood_check(activations, [input_check_reasons(decoded) for decoded in decoded_images])
+        input_reasons = [input_check_reasons(decoded) for decoded in decoded_images]
+        verdicts = predictor.ood_check(activations, input_reasons)
         return {
             "mahalanobis": np.array([verdict["score"] for verdict in verdicts]),
             "energy": energy_score(logits, predictor.temperature),
             "flagged": np.array([verdict["flagged"] for verdict in verdicts]),
-            "input_check": np.array([bool(input_check_reasons(decoded)) for decoded in decoded_images]),
+            "input_check": np.array([bool(reasons) for reasons in input_reasons]),
             **{label: activation_score(statistics, activations) for label, statistics in compare.items()},
         }
 
