@@ -39,9 +39,7 @@ def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_s
 
     from model.evaluation import split_outputs
     from model.metrics import expected_calibration_error, softmax
-    from model.ood import (
-        DEFAULT_COMPONENTS, DEFAULT_GRID, fit_mahalanobis, mahalanobis_score, threshold_for_false_flag_rate,
-    )
+    from model.ood import DEFAULT_COMPONENTS, DEFAULT_GRID, fit_ood_statistics
 
     data_root = Path(data_root)
     grid = DEFAULT_GRID if grid is None else grid
@@ -51,9 +49,8 @@ def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_s
     _, train_features, train_targets, _ = split_outputs(checkpoint, data_root / "train", **options)
     val_logits, val_features, val_targets, _ = split_outputs(checkpoint, data_root / "val", **options)
     temperature = fit_temperature(val_logits, val_targets)
-    statistics = fit_mahalanobis(train_features, train_targets, components=components, grid=grid)
-    val_scores = mahalanobis_score(statistics, val_features)
-    statistics["threshold"] = threshold_for_false_flag_rate(val_scores, false_flag_rate)
+    statistics, val_scores = fit_ood_statistics(train_features, train_targets, val_features, components=components,
+                                                grid=grid, false_flag_rate=false_flag_rate)
     checkpoint["temperature"] = temperature
     checkpoint["ood"] = statistics
     return {

@@ -61,6 +61,18 @@ def fit_mahalanobis(features, targets, *, components=DEFAULT_COMPONENTS, grid=1)
     }
 
 
+def fit_ood_statistics(train_features, train_targets, val_features, *, components=DEFAULT_COMPONENTS, grid=1,
+                       false_flag_rate=0.01):
+    """``fit_mahalanobis`` on train features plus the threshold that flags ``false_flag_rate`` of val.
+
+    Returns (statistics with "threshold", the val scores).
+    """
+    statistics = fit_mahalanobis(train_features, train_targets, components=components, grid=grid)
+    val_scores = mahalanobis_score(statistics, val_features)
+    statistics["threshold"] = threshold_for_false_flag_rate(val_scores, false_flag_rate)
+    return statistics, val_scores
+
+
 def mahalanobis_score(statistics, features):
     """Smallest Mahalanobis distance to a class mean (higher = less like the training X-rays)."""
     features = torch.as_tensor(np.asarray(features), dtype=torch.float32)

@@ -11,10 +11,8 @@ from PIL import Image, ImageDraw, ImageOps
 from sklearn.metrics import roc_auc_score
 
 from model.errors import InvalidImageError
-from model.ood import (
-    activation_score, energy_score, fit_mahalanobis, input_check_reasons, mahalanobis_score, pooled_features,
-    threshold_for_false_flag_rate,
-)
+from model.data import make_image_folder
+from model.ood import activation_score, energy_score, fit_ood_statistics, input_check_reasons, pooled_features
 from model.transforms import DecodedImage, decode_image, decode_upload
 
 logger = logging.getLogger(__name__)
@@ -140,30 +138,24 @@ def forward_images(predictor, images, batch_size=32):
 def fit_grid_statistics(predictor, data_root, grids, *, components, train_limit=None, seed=0, false_flag_rate=0.01):
     """Refit Mahalanobis statistics on ``train`` (threshold on ``val``) for each pooling grid, from one pass."""
     rng = random.Random(seed)
-    fitted = {}
     pooled = {}
     for split in ("train", "val"):
-        paths = _image_paths(Path(data_root) / split)
+        samples = make_image_folder(Path(data_root) / split, class_names=predictor.class_names).samples
         if split == "train" and train_limit:
-            paths = sorted(rng.sample(paths, min(train_limit, len(paths))))
-        targets = np.array([predictor.class_names.index(path.parent.name) for path in paths])
+            samples = sorted(rng.sample(samples, min(train_limit, len(samples))))
         features = {grid: [] for grid in grids}
-        for start in range(0, len(paths), 64):
-            images = [decode_image(path.read_bytes()) for path in paths[start:start + 64]]
+        for start in range(0, len(samples), 64):
+            images = [decode_image(Path(path).read_bytes()) for path, _ in samples[start:start + 64]]
             _, activations = forward_images(predictor, images)
             for grid in grids:
                 features[grid].append(pooled_features(activations, grid).numpy())
+        targets = np.array([target for _, target in samples])
         pooled[split] = ({grid: np.concatenate(values) for grid, values in features.items()}, targets)
-    for grid in grids:
-        statistics = fit_mahalanobis(pooled["train"][0][grid], pooled["train"][1], components=components, grid=grid)
-        statistics["threshold"] = threshold_for_false_flag_rate(
-            mahalanobis_score(statistics, pooled["val"][0][grid]), false_flag_rate)
-        fitted[grid] = statistics
-    return fitted
-
-
-def _image_paths(folder):
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    return {
+        grid: fit_ood_statistics(pooled["train"][0][grid], pooled["train"][1], pooled["val"][0][grid],
+                                 components=components, grid=grid, false_flag_rate=false_flag_rate)[0]
+        for grid in grids
+    }
 
 
 def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
@@ -175,9 +167,9 @@ def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
     if not predictor.ood_statistics:
         raise InvalidImageError("this checkpoint has no OOD statistics; re-export it with --calibrate")
     rng = random.Random(seed)
-    paths = _image_paths(test_dir)
+    paths = sorted(p for p in Path(test_dir).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     paths = rng.sample(paths, min(limit, len(paths)))
-    real = [_decoded(decode_image(path.read_bytes())) for path in paths]
+    real = [decode_upload(path.read_bytes()) for path in paths]
     sets = {
         "natural photos (scikit-image)": [_as_upload(image) for image in natural_photos(rng)],
         "CT/MR slices (pydicom)": [_as_upload(image) for image in ct_mr_slices(rng)],
