@@ -15,13 +15,17 @@ logger = logging.getLogger(__name__)
 
 
 def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, epoch, *, scaler=None,
-                    channels_last=False, progress=True):
-    """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s."""
+                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False):
+    """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s.
+
+    With ``ema`` (a weight average) update it every ``ema_every`` steps; ``ema_restart`` (warm-up epochs)
+    makes it copy the weights instead of averaging them.
+    """
     network.train()
     total_loss, total_correct, total_seen = 0.0, 0.0, 0.0
     start = time.perf_counter()
     batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and is_main_process()))
-    for images, targets in batches:
+    for step, (images, targets) in enumerate(batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -37,6 +41,10 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if ema is not None and step % ema_every == 0:
+            ema.update_parameters(getattr(network, "module", network))
+            if ema_restart:
+                ema.n_averaged.fill_(0)
         total_loss += loss.item() * len(targets)
         total_correct += (logits.argmax(dim=1) == targets).sum().item()
         total_seen += len(targets)

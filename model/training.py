@@ -31,8 +31,27 @@ logger = logging.getLogger(__name__)
 
 METRICS_FIELDS = (
     "epoch", "lr", "train_loss", "train_accuracy", "train_images_per_second",
-    "val_loss", "val_accuracy", "val_macro_f1", "val_ece", "epoch_seconds", "is_best",
+    "val_loss", "val_accuracy", "val_macro_f1", "val_ece", "val_accuracy_raw", "epoch_seconds", "is_best",
 )
+
+
+class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of the weights and BatchNorm buffers (as in torchvision's references).
+
+    ``decay`` applies per update; ``ema_decay`` turns a half-life in epochs into that number.
+    """
+
+    def __init__(self, network, decay):
+        def ema_average(averaged, current, num_averaged):
+            return decay * averaged + (1.0 - decay) * current
+
+        super().__init__(network, avg_fn=ema_average, use_buffers=True)
+
+
+def ema_decay(half_life_epochs, steps_per_epoch, update_every):
+    """Per-update decay that halves an old weight's share after ``half_life_epochs`` epochs."""
+    updates_per_epoch = max(1.0, steps_per_epoch / update_every)
+    return 0.5 ** (1.0 / (half_life_epochs * updates_per_epoch))
 
 
 def seed_everything(seed):
@@ -129,6 +148,7 @@ def train(args):
 
     start_epoch, best_score, epochs_without_improvement, best_val_metrics = 0, -1.0, 0, None
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    state = {}
     if args.resume:
         resume_path = Path(args.resume) if args.resume != "auto" else last_path
         if resume_path.is_file():
@@ -145,6 +165,17 @@ def train(args):
             logger.info("resumed from %s at epoch %d", resume_path, start_epoch)
         elif args.resume != "auto":
             raise CheckpointError(f"--resume {resume_path}: no such file")
+
+    ema = None
+    if getattr(args, "model_ema", False):
+        decay = ema_decay(args.model_ema_half_life, steps_per_epoch, args.model_ema_steps)
+        ema = ExponentialMovingAverage(network, decay)
+        if state.get("ema_state_dict") is not None:
+            ema.load_state_dict(state["ema_state_dict"])
+        elif start_epoch > 0:
+            logger.info("the weight average starts from the resumed weights")
+        logger.info("weight average: decay %.5f every %d steps (half-life %.2f epochs); val scores the average",
+                    decay, args.model_ema_steps, args.model_ema_half_life)
 
     model_for_training = network
     if world_size > 1:
@@ -173,10 +204,12 @@ def train(args):
         train_stats = train_one_epoch(
             model_for_training, criterion, optimizer, scheduler, train_loader, device, epoch,
             scaler=scaler, channels_last=channels_last, progress=args.progress,
+            ema=ema, ema_every=getattr(args, "model_ema_steps", 1), ema_restart=epoch < args.warmup_epochs,
         )
         stop = False
         if distributed.is_main_process():
-            logits, targets = predict_logits(network, val_loader, device, channels_last=channels_last)
+            selected = ema.module if ema is not None else network
+            logits, targets = predict_logits(selected, val_loader, device, channels_last=channels_last)
             probabilities = softmax(logits)
             val_metrics = compute_metrics(targets, probabilities, class_names)
             val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets)))
@@ -189,7 +222,9 @@ def train(args):
             row = {
                 "epoch": epoch, "lr": learning_rate, **train_stats, "val_loss": val_loss,
                 "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
-                "val_ece": val_metrics["ece"], "epoch_seconds": time.perf_counter() - epoch_start, "is_best": int(is_best),
+                "val_ece": val_metrics["ece"], "val_accuracy_raw": _raw_accuracy(ema, network, val_loader, device,
+                                                                             channels_last, val_metrics),
+                "epoch_seconds": time.perf_counter() - epoch_start, "is_best": int(is_best),
             }
             _append_metrics(output_dir / "metrics.csv", row)
             logger.info(
@@ -198,11 +233,13 @@ def train(args):
                 val_metrics["accuracy"], val_metrics["macro_f1"], row["epoch_seconds"], " (best)" if is_best else "",
             )
             checkpoint = make_checkpoint(
-                network, arch=args.arch, class_names=class_names, transform=transform_params,
+                selected, arch=args.arch, class_names=class_names, transform=transform_params,
                 epoch=epoch, val_metrics=val_metrics if is_best else None, **metadata,
             )
             if is_best:
                 save_checkpoint(to_serving(checkpoint), best_path)
+            if ema is not None:  # last.pt resumes the trained weights; the average travels beside them
+                checkpoint.update(state_dict=network.state_dict(), ema_state_dict=ema.state_dict())
             checkpoint.update(
                 val_metrics=best_val_metrics, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 best_score=best_score, epochs_without_improvement=epochs_without_improvement,
@@ -218,10 +255,23 @@ def train(args):
     return best_path
 
 
+def _raw_accuracy(ema, network, loader, device, channels_last, val_metrics):
+    """Val accuracy of the trained weights themselves (the same as val_accuracy without a weight average)."""
+    if ema is None:
+        return val_metrics["accuracy"]
+    logits, targets = predict_logits(network, loader, device, channels_last=channels_last)
+    return float((logits.argmax(axis=1) == targets).mean()) if len(targets) else 0.0
+
+
 def _append_metrics(path, row):
+    """Append ``row``; a file begun by an older version keeps its own columns."""
     new_file = not path.is_file()
+    fieldnames = METRICS_FIELDS
+    if not new_file:
+        with path.open(newline="") as handle:
+            fieldnames = next(csv.reader(handle), None) or METRICS_FIELDS
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         writer.writerow(row)

@@ -40,6 +40,11 @@ def get_args_parser():
     parser.add_argument("--sampler", default="shuffle", choices=("shuffle", "source"),
                         help="'source' draws each (class, source_repo) group equally (needs MANIFEST.csv)")
     parser.add_argument("--manifest", default=None, help="MANIFEST.csv for --sampler source (default DATA/MANIFEST.csv)")
+    parser.add_argument("--model-ema", action="store_true",
+                        help="keep an exponential moving average of the weights; val selects it and best.pt holds it")
+    parser.add_argument("--model-ema-half-life", type=float, default=1.0,
+                        help="epochs after which an old weight's share in the average has halved")
+    parser.add_argument("--model-ema-steps", type=int, default=8, help="update the average every N steps")
     parser.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", default=None, help="a last.pt to continue from, or 'auto' (OUTPUT_DIR/last.pt if present)")

@@ -78,6 +78,34 @@ def test_resume_continues_from_last(trained, image_folder, tmp_path):
     assert load_checkpoint(resumed / "last.pt")["epoch"] == 4
 
 
+def test_weight_average_is_selected_saved_and_resumed(image_folder, tmp_path):
+    """--model-ema: best.pt holds the average, last.pt holds both, and a resume picks the average up again."""
+    output = tmp_path / "ema"
+    common = ["--data", image_folder, "--output-dir", output, "--recipe", "tutorial", "--model-ema",
+              "--model-ema-half-life", "0.5", "--model-ema-steps", "1", "--warmup-epochs", "0", *TRAIN_ARGS]
+    completed = run_script("train.py", "--epochs", "2", *common)
+    assert "weight average: decay" in completed.stderr
+    last = load_checkpoint(output / "last.pt")
+    average = {key[len("module."):]: value for key, value in last["ema_state_dict"].items() if key.startswith("module.")}
+    assert int(last["ema_state_dict"]["n_averaged"]) == 2 * 4  # 72 images / batch 16, last partial batch dropped
+    assert any(not torch.equal(average[key], last["state_dict"][key]) for key in last["state_dict"])
+    best = torch.load(output / "best.pt", weights_only=True)
+    if best["epoch"] == 1:  # the last epoch was the best: best.pt is the average, not the trained weights
+        assert all(torch.equal(best["state_dict"][key], average[key]) for key in best["state_dict"])
+    with open(output / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(0.0 <= float(row["val_accuracy_raw"]) <= 1.0 for row in rows)
+    run_script("train.py", "--epochs", "3", "--resume", "auto", *common)
+    assert int(load_checkpoint(output / "last.pt")["ema_state_dict"]["n_averaged"]) == 3 * 4
+
+
+def test_ema_decay_halves_after_the_half_life():
+    from model.training import ema_decay
+
+    decay = ema_decay(half_life_epochs=2.0, steps_per_epoch=100, update_every=10)
+    assert decay ** (2 * 100 / 10) == pytest.approx(0.5)
+
+
 def test_export_half_preserves_metadata(trained, tmp_path):
     completed = run_script("export.py", "--checkpoint", trained / "last.pt", "--output", tmp_path / "served.pt",
                            "--half", "--model-version", "1.2.3")
