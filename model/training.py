@@ -264,14 +264,17 @@ def _raw_accuracy(ema, network, loader, device, channels_last, val_metrics):
 
 
 def _append_metrics(path, row):
-    """Append ``row``; a file begun by an older version keeps its own columns."""
-    new_file = not path.is_file()
-    fieldnames = METRICS_FIELDS
-    if not new_file:
+    """Append ``row``; a file begun by an older version with fewer columns is rewritten with all of them."""
+    rows, rewrite = [], not path.is_file()
+    if not rewrite:
         with path.open(newline="") as handle:
-            fieldnames = next(csv.reader(handle), None) or METRICS_FIELDS
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
-        if new_file:
+            reader = csv.DictReader(handle)
+            if list(reader.fieldnames or []) != list(METRICS_FIELDS):
+                rows, rewrite = list(reader), True
+    if rewrite:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS, extrasaction="ignore")
             writer.writeheader()
-        writer.writerow(row)
+            writer.writerows(rows)
+    with path.open("a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=METRICS_FIELDS, extrasaction="ignore").writerow(row)

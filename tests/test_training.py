@@ -99,6 +99,19 @@ def test_weight_average_is_selected_saved_and_resumed(image_folder, tmp_path):
     assert int(load_checkpoint(output / "last.pt")["ema_state_dict"]["n_averaged"]) == 3 * 4
 
 
+def test_metrics_csv_from_an_older_version_gains_the_new_columns(tmp_path):
+    from model.training import METRICS_FIELDS, _append_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,lr,is_best\n0,0.1,1\n")
+    _append_metrics(path, {"epoch": 1, "lr": 0.2, "val_accuracy_raw": 0.5, "is_best": 0})
+    with open(path) as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == METRICS_FIELDS
+    assert [(row["epoch"], row["val_accuracy_raw"]) for row in rows] == [("0", ""), ("1", "0.5")]
+
+
 def test_ema_decay_halves_after_the_half_life():
     from model.training import ema_decay
 
