@@ -194,6 +194,7 @@ def train(args):
         "data": provenance,
         "model_name": f"covidscan-{args.arch}",
     }
+    run_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
         # Reseeding per epoch makes a resumed run draw the same augmentations as an uninterrupted one.
@@ -248,11 +249,23 @@ def train(args):
             stop = args.patience > 0 and epochs_without_improvement >= args.patience
             if stop:
                 logger.info("early stopping: val macro-F1 has not improved for %d epochs", args.patience)
+            if not stop and out_of_time(getattr(args, "time_limit", 0), time.perf_counter() - run_start,
+                                        epoch - start_epoch + 1, epoch + 1 < args.epochs):
+                stop = True
+                logger.info("stopping after epoch %d: another epoch would pass --time-limit %.1f min "
+                            "(best.pt and last.pt are written; --resume auto continues)", epoch, args.time_limit)
         distributed.barrier()
         if distributed.broadcast_flag(stop, device):
             break
     distributed.cleanup()
     return best_path
+
+
+def out_of_time(limit_minutes, elapsed_seconds, epochs_done, more_epochs):
+    """True when one more epoch, at the mean pace so far, would end after ``limit_minutes`` (0: no limit)."""
+    if not limit_minutes or not more_epochs:
+        return False
+    return elapsed_seconds + elapsed_seconds / epochs_done > limit_minutes * 60
 
 
 def _raw_accuracy(ema, network, loader, device, channels_last, val_metrics):

@@ -46,6 +46,8 @@ def get_args_parser():
                         help="epochs after which an old weight's share in the average has halved")
     parser.add_argument("--model-ema-steps", type=int, default=8, help="update the average every N steps")
     parser.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain (0: off)")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="minutes: stop after the epoch when another one would end past this (0: no limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", default=None, help="a last.pt to continue from, or 'auto' (OUTPUT_DIR/last.pt if present)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

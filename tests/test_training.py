@@ -90,6 +90,7 @@ def test_weight_average_is_selected_saved_and_resumed(image_folder, tmp_path):
     assert int(last["ema_state_dict"]["n_averaged"]) == 2 * 4  # 72 images / batch 16, last partial batch dropped
     assert any(not torch.equal(average[key], last["state_dict"][key]) for key in last["state_dict"])
     best = torch.load(output / "best.pt", weights_only=True)
+    assert "ema_state_dict" not in best
     if best["epoch"] == 1:  # the last epoch was the best: best.pt is the average, not the trained weights
         assert all(torch.equal(best["state_dict"][key], average[key]) for key in best["state_dict"])
     with open(output / "metrics.csv") as handle:
@@ -97,6 +98,11 @@ def test_weight_average_is_selected_saved_and_resumed(image_folder, tmp_path):
     assert all(0.0 <= float(row["val_accuracy_raw"]) <= 1.0 for row in rows)
     run_script("train.py", "--epochs", "3", "--resume", "auto", *common)
     assert int(load_checkpoint(output / "last.pt")["ema_state_dict"]["n_averaged"]) == 3 * 4
+    completed = run_script("train.py", "--epochs", "10", "--resume", "auto", "--time-limit", "0.001", *common)
+    assert "another epoch would pass --time-limit" in completed.stderr
+    assert load_checkpoint(output / "last.pt")["epoch"] == 3  # one epoch ran, then the limit stopped the run
+    run_script("export.py", "--checkpoint", output / "last.pt", "--output", tmp_path / "served.pt")
+    assert "ema_state_dict" not in torch.load(tmp_path / "served.pt", weights_only=True)
 
 
 def test_metrics_csv_from_an_older_version_gains_the_new_columns(tmp_path):
@@ -110,6 +116,15 @@ def test_metrics_csv_from_an_older_version_gains_the_new_columns(tmp_path):
         rows = list(reader)
     assert tuple(reader.fieldnames) == METRICS_FIELDS
     assert [(row["epoch"], row["val_accuracy_raw"]) for row in rows] == [("0", ""), ("1", "0.5")]
+
+
+def test_time_limit_stops_before_an_epoch_that_would_not_fit():
+    from model.training import out_of_time
+
+    assert not out_of_time(0, 10_000, 1, True)  # no limit
+    assert not out_of_time(10, 240, 2, True)  # 4 min done at 2 min per epoch: 6 min < 10
+    assert out_of_time(10, 500, 2, True)  # 8.3 min done, one more reaches 12.5 min
+    assert not out_of_time(10, 500, 2, False)  # nothing left to run anyway
 
 
 def test_ema_decay_halves_after_the_half_life():
