@@ -855,3 +855,59 @@ def format_summary(report: PreparationReport) -> str:
     ]
     lines += [f"  {source}: {path} ({reason})" for source, path, reason in report.unreadable]
     return "\n".join(lines)
+
+
+def compact_copy(
+    data_root: Path,
+    output_dir: Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    max_side: int = 256,
+    quality: int = 90,
+    workers: int = 4,
+) -> dict[str, int]:
+    """Re-encode ``splits`` of an ImageFolder as grayscale JPEGs with the longer side at most ``max_side`` px.
+
+    For a machine that cannot read the original (a lent GPU gets only the working tree): the class folders
+    and the file stems stay, and MANIFEST.csv keeps the copied images' rows with their new paths, so
+    ``--sampler source`` and the audit still find each image's source. Returns images written per split.
+    """
+    data_root, output_dir = Path(data_root), Path(output_dir)
+    if output_dir.resolve() == data_root.resolve():
+        raise DataPreparationError("--output must differ from --data")
+    jobs = []
+    for split in splits:
+        split_dir = data_root / split
+        if not split_dir.is_dir():
+            raise DataPreparationError(f"no {split}/ folder in {data_root}")
+        for path in sorted(split_dir.glob("*/*")):
+            if path.suffix.lower() in IMAGE_FOLDER_SUFFIXES:
+                relative = path.relative_to(data_root)
+                jobs.append((path, output_dir / relative.with_suffix(".jpg")))
+    if not jobs:
+        raise DataPreparationError(f"no images under {', '.join(splits)} in {data_root}")
+
+    def write(job):
+        source, destination = job
+        with Image.open(source) as image:
+            grayscale = to_grayscale(image)
+        if max(grayscale.size) > max_side:
+            grayscale.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        grayscale.save(destination, "JPEG", quality=quality)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(write, jobs))
+
+    renamed = {source.relative_to(data_root).as_posix(): destination.relative_to(output_dir).as_posix()
+               for source, destination in jobs}
+    manifest = data_root / "MANIFEST.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = [{**row, "path": renamed[row["path"]]} for row in reader if row.get("path") in renamed]
+            fieldnames = reader.fieldnames or []
+        with (output_dir / "MANIFEST.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+    return dict(Counter(source.relative_to(data_root).parts[0] for source, _ in jobs))

@@ -616,3 +616,34 @@ def test_cli_reads_rsna(tmp_path, rsna_dir):
     assert "rsna: class No Lung Opacity / Not Normal" in result.stdout
     assert "  rsna    " in result.stdout  # the By source table
     assert {row["source"] for row in read_manifest(output)} == {"rsna"}
+
+
+def test_compact_copy_keeps_folders_stems_and_manifest_rows_of_the_copied_splits(tmp_path):
+    from conftest import write_image_folder
+
+    from model.data import make_image_folder, read_manifest_sources
+
+    source = write_image_folder(tmp_path / "cxr", per_class=(3, 2, 2), size=(300, 200))
+    rows = [{"split": split, "label": label, "path": path.relative_to(source).as_posix(), "source_repo": f"repo-{i % 2}"}
+            for i, path in enumerate(sorted(source.rglob("*.png")))
+            for split, label in [path.relative_to(source).parts[:2]]]
+    with open(source / "MANIFEST.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["split", "label", "path", "source_repo"])
+        writer.writeheader()
+        writer.writerows(rows)
+    completed = subprocess.run(
+        [sys.executable, "scripts/compact_data.py", "--data", source, "--output", tmp_path / "compact",
+         "--max-side", "128", "--workers", "2"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    compact = tmp_path / "compact"
+    assert not (compact / "test").exists()  # test never travels to a training machine
+    copied = sorted(compact.rglob("*.jpg"))
+    assert len(copied) == 3 * 3 + 2 * 3
+    with Image.open(copied[0]) as image:
+        assert image.mode == "L" and max(image.size) == 128 and image.size == (85, 128)  # 200 x 300 px, aspect kept
+    assert make_image_folder(compact / "train").classes == ["COVID", "NORMAL", "PNEUMONIA"]
+    sources = read_manifest_sources(compact / "MANIFEST.csv")
+    expected = {row["path"].replace(".png", ".jpg"): row["source_repo"] for row in rows if row["split"] != "test"}
+    assert {Path(path).relative_to(compact.resolve()).as_posix(): repo for path, repo in sources.items()} == expected
