@@ -795,6 +795,9 @@ def _loso_config(train_args, min_train_images):
     config = {key: getattr(train_args, key) for key in keys if hasattr(train_args, key)}
     if config.get("intensity") is None:
         config.pop("intensity", None)  # the recipe's own; folds run before --intensity existed match
+    adversary = getattr(train_args, "source_adversary", 0.0)
+    if adversary:
+        config["source_adversary"] = adversary
     config["min_train_images"] = min_train_images
     return config
 

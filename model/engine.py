@@ -15,23 +15,31 @@ logger = logging.getLogger(__name__)
 
 
 def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, epoch, *, scaler=None,
-                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False):
+                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False, adversary=None):
     """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s.
 
     With ``ema`` (a weight average) update it every ``ema_every`` steps; ``ema_restart`` (warm-up epochs)
-    makes it copy the weights instead of averaging them.
+    makes it copy the weights instead of averaging them. With ``adversary`` (a ``SourceAdversary``) the
+    loader yields ``(images, (classes, sources))`` and its loss joins the class loss.
     """
     network.train()
-    total_loss, total_correct, total_seen = 0.0, 0.0, 0.0
+    total_loss, total_correct, total_seen, source_correct = 0.0, 0.0, 0.0, 0.0
     start = time.perf_counter()
     batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and is_main_process()))
     for step, (images, targets) in enumerate(batches):
+        sources = None
+        if isinstance(targets, (list, tuple)):
+            targets, sources = targets[0], targets[1].to(device, non_blocking=True)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             logits = network(images)
-            loss = criterion(logits, targets)
+            class_loss = loss = criterion(logits, targets)
+            if adversary is not None and sources is not None:
+                adversary_loss, correct = adversary.loss(targets, sources)
+                loss = class_loss + adversary_loss
+                source_correct += correct
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -45,17 +53,20 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
             ema.update_parameters(getattr(network, "module", network))
             if ema_restart:
                 ema.n_averaged.fill_(0)
-        total_loss += loss.item() * len(targets)
+        total_loss += class_loss.item() * len(targets)
         total_correct += (logits.argmax(dim=1) == targets).sum().item()
         total_seen += len(targets)
         batches.set_postfix(loss=f"{total_loss / total_seen:.4f}", acc=f"{total_correct / total_seen:.3f}")
     total_loss, total_correct, total_seen = all_reduce_sum([total_loss, total_correct, total_seen], device)
     elapsed = time.perf_counter() - start
-    return {
+    stats = {
         "train_loss": total_loss / max(total_seen, 1),
         "train_accuracy": total_correct / max(total_seen, 1),
         "train_images_per_second": total_seen / elapsed,
     }
+    if adversary is not None:  # how well the adversary still tells sources apart (single process only)
+        stats["train_source_accuracy"] = source_correct / max(total_seen, 1)
+    return stats
 
 
 @torch.inference_mode()

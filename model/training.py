@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from model import distributed
+from model.adversary import SourceAdversary, WithSources, source_indices
 from model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, to_serving
 from model.data import (
     class_counts,
@@ -30,7 +31,7 @@ from model.transforms import build_eval_transform, build_train_transform, eval_t
 logger = logging.getLogger(__name__)
 
 METRICS_FIELDS = (
-    "epoch", "lr", "train_loss", "train_accuracy", "train_images_per_second",
+    "epoch", "lr", "train_loss", "train_accuracy", "train_images_per_second", "train_source_accuracy",
     "val_loss", "val_accuracy", "val_macro_f1", "val_ece", "val_accuracy_raw", "epoch_seconds", "is_best",
 )
 
@@ -126,7 +127,18 @@ def train(args):
         weights = source_balanced_weights(train_set, read_manifest_sources(manifest))
         generator = torch.Generator().manual_seed(args.seed)
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True, generator=generator)
-    train_loader = _loader(train_set, args, shuffle=True, sampler=sampler)
+    adversary_weight = getattr(args, "source_adversary", 0.0)
+    train_source_names = None
+    if adversary_weight > 0:
+        if world_size > 1:
+            raise DataError("--source-adversary runs in a single process (its head is not synchronised by DDP)")
+        manifest = Path(args.manifest) if args.manifest else data_root / "MANIFEST.csv"
+        if not manifest.is_file():
+            raise DataError(f"--source-adversary needs a MANIFEST.csv with source_repo (looked for {manifest})")
+        indices, train_source_names = source_indices(train_set, read_manifest_sources(manifest))
+        logger.info("source adversary (weight %g) over sources %s", adversary_weight, train_source_names)
+    train_loader = _loader(WithSources(train_set, indices) if train_source_names else train_set, args,
+                           shuffle=True, sampler=sampler)
     val_loader = _loader(val_set, args, shuffle=False)
 
     network = build_model(
@@ -139,7 +151,11 @@ def train(args):
         network = network.to(memory_format=torch.channels_last)
     class_weights = inverse_frequency_weights(train_set).to(device) if args.class_weighting == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing)
-    optimizer = build_optimizer(args, [p for p in network.parameters() if p.requires_grad])
+    adversary = None
+    if train_source_names:
+        adversary = SourceAdversary(network, len(class_names), len(train_source_names), adversary_weight).to(device)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, trainable + (list(adversary.parameters()) if adversary else []))
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch)
@@ -156,6 +172,8 @@ def train(args):
             if "optimizer" not in state:
                 raise CheckpointError(f"{resume_path} is a serving checkpoint; --resume needs a last.pt")
             network.load_state_dict(state["state_dict"])
+            if adversary is not None and state.get("adversary_state_dict") is not None:
+                adversary.load_state_dict(state["adversary_state_dict"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = state["epoch"] + 1
@@ -169,7 +187,11 @@ def train(args):
     ema = None
     if getattr(args, "model_ema", False):
         decay = ema_decay(args.model_ema_half_life, steps_per_epoch, args.model_ema_steps)
+        if adversary is not None:
+            adversary.remove()  # the average deep-copies the network, hooks included
         ema = ExponentialMovingAverage(network, decay)
+        if adversary is not None:
+            adversary.attach(network)
         if state.get("ema_state_dict") is not None:
             ema.load_state_dict(state["ema_state_dict"])
         elif start_epoch > 0:
@@ -206,6 +228,7 @@ def train(args):
             model_for_training, criterion, optimizer, scheduler, train_loader, device, epoch,
             scaler=scaler, channels_last=channels_last, progress=args.progress,
             ema=ema, ema_every=getattr(args, "model_ema_steps", 1), ema_restart=epoch < args.warmup_epochs,
+            adversary=adversary,
         )
         stop = False
         if distributed.is_main_process():
@@ -241,6 +264,8 @@ def train(args):
                 save_checkpoint(to_serving(checkpoint), best_path)
             if ema is not None:  # last.pt resumes the trained weights; the average travels beside them
                 checkpoint.update(state_dict=network.state_dict(), ema_state_dict=ema.state_dict())
+            if adversary is not None:
+                checkpoint.update(adversary_state_dict=adversary.state_dict())
             checkpoint.update(
                 val_metrics=best_val_metrics, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 best_score=best_score, epochs_without_improvement=epochs_without_improvement,

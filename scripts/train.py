@@ -40,6 +40,9 @@ def get_args_parser():
     parser.add_argument("--sampler", default="shuffle", choices=("shuffle", "source"),
                         help="'source' draws each (class, source_repo) group equally (needs MANIFEST.csv)")
     parser.add_argument("--manifest", default=None, help="MANIFEST.csv for --sampler source (default DATA/MANIFEST.csv)")
+    parser.add_argument("--source-adversary", type=float, default=0.0, metavar="WEIGHT",
+                        help="weight of a gradient-reversal head that predicts each image's source within its class "
+                             "(needs MANIFEST.csv; 0: off)")
     parser.add_argument("--model-ema", action="store_true",
                         help="keep an exponential moving average of the weights; val selects it and best.pt holds it")
     parser.add_argument("--model-ema-half-life", type=float, default=1.0,

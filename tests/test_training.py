@@ -127,6 +127,42 @@ def test_time_limit_stops_before_an_epoch_that_would_not_fit():
     assert not out_of_time(10, 500, 2, False)  # nothing left to run anyway
 
 
+def test_gradient_reversal_flips_the_gradient_and_nothing_else():
+    from model.adversary import GradientReversal
+
+    features = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    output = GradientReversal.apply(features, 0.5)
+    assert torch.equal(output, features)
+    (output * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(features.grad, torch.tensor([-0.5, -1.0, -1.5]))
+
+
+def test_source_adversary_trains_beside_the_classifier_and_stays_out_of_best_pt(image_folder, tmp_path):
+    import shutil
+
+    data = tmp_path / "cxr"
+    shutil.copytree(image_folder, data)
+    with open(data / "MANIFEST.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["split", "label", "path", "source_repo"])
+        for index, path in enumerate(sorted(data.rglob("*.png"))):
+            relative = path.relative_to(data)
+            writer.writerow([relative.parts[0], relative.parts[1], relative.as_posix(), f"hospital-{index % 2}"])
+    output = tmp_path / "run"
+    completed = run_script("train.py", "--data", data, "--output-dir", output, "--epochs", "2", "--recipe", "tutorial",
+                           "--source-adversary", "0.5", "--model-ema", *TRAIN_ARGS)
+    assert "source adversary (weight 0.5) over sources ['hospital-0', 'hospital-1']" in completed.stderr
+    with open(output / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(0.0 <= float(row["train_source_accuracy"]) <= 1.0 for row in rows)
+    last = load_checkpoint(output / "last.pt")
+    assert last["adversary_state_dict"]["head.weight"].shape == (3 * 2, 512)
+    assert "adversary_state_dict" not in torch.load(output / "best.pt", weights_only=True)
+    completed = run_script("train.py", "--data", image_folder, "--output-dir", tmp_path / "none", "--epochs", "1",
+                           "--source-adversary", "0.5", *TRAIN_ARGS, check=False)
+    assert completed.returncode != 0 and "needs a MANIFEST.csv" in completed.stderr
+
+
 def test_ema_decay_halves_after_the_half_life():
     from model.training import ema_decay
 
