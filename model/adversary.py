@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from model.data import sample_sources
+
 
 class GradientReversal(torch.autograd.Function):
     """Identity forward; multiplies the gradient by ``-scale`` backward."""
@@ -75,8 +77,6 @@ class WithSources(Dataset):
 
 def source_indices(dataset, sources):
     """Index of each image's source (``sources``: resolved path -> source_repo) and the sorted source names."""
-    from pathlib import Path
-
-    names = [sources.get(str(Path(path).resolve()), "unknown") for path, _ in dataset.samples]
+    names = sample_sources(dataset, sources)
     ordered = sorted(set(names))
     return [ordered.index(name) for name in names], ordered

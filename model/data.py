@@ -69,9 +69,14 @@ def read_manifest_sources(manifest_path):
         }
 
 
+def sample_sources(dataset, sources):
+    """The source of each image of ``dataset`` (``sources`` from ``read_manifest_sources``; "unknown" if absent)."""
+    return [sources.get(str(Path(path).resolve()), "unknown") for path, _ in dataset.samples]
+
+
 def source_balanced_weights(dataset, sources):
     """Per-sample weights so that each (class, source) group is drawn equally often within its class."""
-    groups = [(target, sources.get(str(Path(path).resolve()), "unknown")) for path, target in dataset.samples]
+    groups = list(zip(dataset.targets, sample_sources(dataset, sources)))
     group_sizes = Counter(groups)
     groups_per_class = Counter(target for target, _ in group_sizes)
     return torch.tensor(

@@ -1,7 +1,7 @@
 """Write a compact copy of an ImageFolder's train and val splits (grayscale JPEG, longer side <= N px).
 
 For training on a lent GPU machine, which receives only the repository's working tree (64 MiB): CXR-3's
-train+val at 256 px and quality 90 take about 48 MiB. Write it into a git-ignored folder (data/ is one).
+train+val at 256 px and quality 90 take 50.8 MiB. Write it into a git-ignored folder (data/ is one).
 """
 
 import argparse
