@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "class_names", "transform", "state_dict")
-TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng_state", "ema_state_dict", "adversary_state_dict")
+TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng_state", "ema_state_dict", "adversary_state_dict",
+                      "end_epoch")
 TRANSFORM_KEYS = ("image_size", "resize_mode", "crop_size", "intensity", "channels", "mean", "std")
 
 

@@ -45,11 +45,16 @@ def all_reduce_sum(values, device):
 
 def broadcast_flag(flag, device):
     """Broadcast a boolean from rank 0 to every rank (used for early stopping)."""
+    return bool(broadcast_int(int(flag), device))
+
+
+def broadcast_int(value, device):
+    """Broadcast an integer from rank 0 to every rank (the stop flag, a shortened epoch count)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
+        return value
+    tensor = torch.tensor([int(value)], device=device)
     dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+    return int(tensor.item())
 
 
 def cleanup():

@@ -62,16 +62,33 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def warmup_cosine(total_steps, warmup_steps):
-    """Learning-rate multiplier: linear warm-up then cosine decay to zero."""
+class WarmupCosine:
+    """Learning-rate multiplier: linear warm-up then cosine decay to zero at ``total_steps``.
 
-    def multiplier(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    A callable object rather than a closure so that ``--fit-time-limit`` can shorten the decay mid-run.
+    """
+
+    def __init__(self, total_steps, warmup_steps):
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return multiplier
+
+def epochs_that_fit(limit_minutes, elapsed_seconds, epoch_seconds, next_epoch, end_epoch, min_epochs):
+    """The epoch count to end the schedule at so that the run ends inside ``limit_minutes``.
+
+    ``epoch_seconds`` is the pace (the mean of this process's epochs after its first, which also pays for
+    worker start-up and cuDNN's algorithm search). Only ever shortens ``end_epoch``, never below
+    ``min_epochs`` (the warm-up) or ``next_epoch``.
+    """
+    remaining = limit_minutes * 60 - elapsed_seconds
+    fitting = next_epoch + max(0, math.floor(remaining / epoch_seconds))
+    return max(min(end_epoch, fitting), min_epochs, next_epoch)
 
 
 def build_optimizer(args, parameters):
@@ -157,9 +174,8 @@ def train(args):
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, trainable + (list(adversary.parameters()) if adversary else []))
     steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch)
-    )
+    schedule = WarmupCosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp else None
 
     start_epoch, best_score, epochs_without_improvement, best_val_metrics = 0, -1.0, 0, None
@@ -176,6 +192,8 @@ def train(args):
                 adversary.load_state_dict(state["adversary_state_dict"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            # --epochs may differ on resume (a shorter or longer second stage): the decay follows the arguments
+            schedule.total_steps = args.epochs * steps_per_epoch
             start_epoch = state["epoch"] + 1
             best_score = state["best_score"]
             epochs_without_improvement = state["epochs_without_improvement"]
@@ -216,8 +234,16 @@ def train(args):
         "data": provenance,
         "model_name": f"covidscan-{args.arch}",
     }
-    run_start = time.perf_counter()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
+    run_start, end_epoch, epoch_durations = time.perf_counter(), args.epochs, []
+    if state.get("end_epoch") and state.get("args", {}).get("epochs") == args.epochs:
+        end_epoch = min(args.epochs, state["end_epoch"])  # a schedule shortened by --fit-time-limit stays short
+        schedule.total_steps = end_epoch * steps_per_epoch
+    checkpoint_every = max(1, getattr(args, "checkpoint_every", 1))
     for epoch in range(start_epoch, args.epochs):
+        if epoch >= end_epoch:
+            break
         epoch_start = time.perf_counter()
         # Reseeding per epoch makes a resumed run draw the same augmentations as an uninterrupted one.
         seed_everything(args.seed + 1000 * epoch + rank)
@@ -256,30 +282,45 @@ def train(args):
                 epoch, train_stats["train_loss"], train_stats["train_accuracy"], val_loss,
                 val_metrics["accuracy"], val_metrics["macro_f1"], row["epoch_seconds"], " (best)" if is_best else "",
             )
+            epoch_durations.append(row["epoch_seconds"])
+            stop = args.patience > 0 and epochs_without_improvement >= args.patience
+            if stop:
+                logger.info("early stopping: val macro-F1 has not improved for %d epochs", args.patience)
+            time_limit = getattr(args, "time_limit", 0)
+            if not stop and time_limit and getattr(args, "fit_time_limit", False) and len(epoch_durations) >= 2:
+                pace = sum(epoch_durations[1:]) / len(epoch_durations[1:])
+                fitted = epochs_that_fit(time_limit, time.perf_counter() - run_start, pace, epoch + 1, end_epoch,
+                                         args.warmup_epochs + 1)
+                if fitted < end_epoch:
+                    logger.info("--fit-time-limit: %.1f s per epoch, so the schedule now ends after %d epochs "
+                                "instead of %d", pace, fitted, end_epoch)
+                    end_epoch = fitted
+                    schedule.total_steps = end_epoch * steps_per_epoch
+            if not stop and out_of_time(time_limit, time.perf_counter() - run_start,
+                                        epoch - start_epoch + 1, epoch + 1 < end_epoch):
+                stop = True
+                logger.info("stopping after epoch %d: another epoch would pass --time-limit %.1f min "
+                            "(best.pt and last.pt are written; --resume auto continues)", epoch, args.time_limit)
             checkpoint = make_checkpoint(
                 selected, arch=args.arch, class_names=class_names, transform=transform_params,
                 epoch=epoch, val_metrics=val_metrics if is_best else None, **metadata,
             )
             if is_best:
                 save_checkpoint(to_serving(checkpoint), best_path)
-            if ema is not None:  # last.pt resumes the trained weights; the average travels beside them
+            write_last = stop or epoch + 1 >= end_epoch or (epoch + 1) % checkpoint_every == 0
+            if write_last and ema is not None:  # last.pt resumes the trained weights; the average travels beside them
                 checkpoint.update(state_dict=network.state_dict(), ema_state_dict=ema.state_dict())
-            if adversary is not None:
+            if write_last and adversary is not None:
                 checkpoint.update(adversary_state_dict=adversary.state_dict())
-            checkpoint.update(
-                val_metrics=best_val_metrics, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                best_score=best_score, epochs_without_improvement=epochs_without_improvement,
-            )
-            save_checkpoint(checkpoint, last_path)
-            stop = args.patience > 0 and epochs_without_improvement >= args.patience
-            if stop:
-                logger.info("early stopping: val macro-F1 has not improved for %d epochs", args.patience)
-            if not stop and out_of_time(getattr(args, "time_limit", 0), time.perf_counter() - run_start,
-                                        epoch - start_epoch + 1, epoch + 1 < args.epochs):
-                stop = True
-                logger.info("stopping after epoch %d: another epoch would pass --time-limit %.1f min "
-                            "(best.pt and last.pt are written; --resume auto continues)", epoch, args.time_limit)
+            if write_last:
+                checkpoint.update(
+                    val_metrics=best_val_metrics, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    best_score=best_score, epochs_without_improvement=epochs_without_improvement,
+                    end_epoch=end_epoch,
+                )
+                save_checkpoint(checkpoint, last_path)
         distributed.barrier()
+        end_epoch = distributed.broadcast_int(end_epoch, device)
         if distributed.broadcast_flag(stop, device):
             break
     distributed.cleanup()

@@ -5,9 +5,9 @@
 # 64 MiB of files of 16 MiB each per call, so:
 #   here:    .venv/bin/python scripts/compact_data.py --data ../shared/data/cxr --output data/cxr256
 #            mv models/default.pt /tmp/   # a tracked 116 MiB file would not travel; restore it afterwards
-#   device:  bash scripts/gpu_run.sh train          (carry data/cxr256; timeout_s 600)
-#            bash scripts/gpu_run.sh fetch 0        (parts 00-03 of the fp16 checkpoint to $OUT)
-#            bash scripts/gpu_run.sh fetch 1        (parts 04-07)
+#   device:  bash scripts/gpu_run.sh train          (carry data/cxr256; timeout_s 600; returns parts 00-03
+#                                                    of the fp16 checkpoint with the log)
+#            bash scripts/gpu_run.sh fetch 1        (parts 04-07; fetch 0 re-sends parts 00-03)
 #   here:    cat <files_at>/part_* > runs/gpu/export.pt, check its sha256 against train.log, then
 #            export.py --calibrate on ../shared/data/cxr, evaluate.py, audit.py (see MODEL_CARD.md).
 # Environment overrides (defaults in brackets) let the same script run a CPU smoke test.
@@ -24,15 +24,18 @@ train)
     "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
     "$PY" scripts/train.py --data "${DATA:-data/cxr256}" --output-dir "$RUN" --device "${DEVICE:-cuda}" \
         --arch "${ARCH:-resnet152}" --weights none --zero-init-residual --recipe robust \
-        --image-size "${IMAGE_SIZE:-224}" --epochs "${EPOCHS:-60}" --warmup-epochs "${WARMUP:-3}" \
+        --image-size "${IMAGE_SIZE:-224}" --epochs "${EPOCHS:-100}" --warmup-epochs "${WARMUP:-3}" \
         --batch-size "${BATCH:-64}" --lr "${LR:-1.5e-3}" --weight-decay 0.05 --workers "${WORKERS:-14}" \
-        --model-ema --model-ema-half-life 2 --time-limit "${MINUTES:-7}" --resume auto --no-progress \
+        --model-ema --model-ema-half-life 2 --time-limit "${MINUTES:-7.5}" --fit-time-limit \
+        --checkpoint-every 1000 --resume auto --no-progress \
         2>&1 | tee "$OUT/train.log"
     cp "$RUN/metrics.csv" "$OUT/"
     "$PY" scripts/export.py --checkpoint "$RUN/best.pt" --output "$RUN/export.pt" --half | tee -a "$OUT/train.log"
     rm -f "$RUN"/part_*
     split -b 15M -d -a 2 "$RUN/export.pt" "$RUN/part_"
     ls -l "$RUN" | tee -a "$OUT/train.log"
+    sha256sum "$RUN/export.pt" | tee -a "$OUT/train.log"
+    cp "$RUN"/part_0[0-3] "$OUT/"  # 60 MiB: with the log, under the 64 MiB a call may return
     ;;
 fetch)
     # parts 4k .. 4k+3: four 15 MiB files stay under the 64 MiB a call may return

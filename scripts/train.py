@@ -51,6 +51,12 @@ def get_args_parser():
     parser.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain (0: off)")
     parser.add_argument("--time-limit", type=float, default=0,
                         help="minutes: stop after the epoch when another one would end past this (0: no limit)")
+    parser.add_argument("--fit-time-limit", action="store_true",
+                        help="with --time-limit: shorten the cosine schedule (from the pace of epochs 2+) so it ends "
+                             "inside the limit, instead of stopping part-way with the learning rate still high")
+    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                        help="write last.pt every N epochs and at the end (it holds the optimiser: ~1 GB for "
+                             "resnet152 with the weight average)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", default=None, help="a last.pt to continue from, or 'auto' (OUTPUT_DIR/last.pt if present)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")

@@ -127,6 +127,35 @@ def test_time_limit_stops_before_an_epoch_that_would_not_fit():
     assert not out_of_time(10, 500, 2, False)  # nothing left to run anyway
 
 
+def test_fit_time_limit_shortens_the_schedule_never_lengthens_it():
+    from model.training import WarmupCosine, epochs_that_fit
+
+    assert epochs_that_fit(10, 120, 60, 2, 60, 4) == 10  # 8 min left at 1 min per epoch: 2 done + 8
+    assert epochs_that_fit(10, 120, 1, 2, 60, 4) == 60  # plenty of time: the schedule keeps its length
+    assert epochs_that_fit(10, 590, 60, 2, 60, 4) == 4  # never inside the warm-up
+    assert epochs_that_fit(10, 900, 60, 7, 60, 4) == 7  # already late: end now (the time limit stops the run)
+    schedule = WarmupCosine(total_steps=100, warmup_steps=10)
+    assert schedule(0) == pytest.approx(0.1) and schedule(10) == pytest.approx(1.0)
+    schedule.total_steps = 50  # shortened mid-run: the decay now reaches zero at step 50
+    assert schedule(30) == pytest.approx(0.5) and schedule(50) == pytest.approx(0.0)
+
+
+def test_fit_time_limit_ends_the_decay_inside_the_limit(image_folder, tmp_path):
+    """--fit-time-limit: the run ends its (shortened) cosine schedule rather than stopping half-way."""
+    output = tmp_path / "fit"
+    completed = run_script("train.py", "--data", image_folder, "--output-dir", output, "--recipe", "tutorial",
+                           "--epochs", "500", "--warmup-epochs", "0", "--time-limit", "0.25", "--fit-time-limit",
+                           "--checkpoint-every", "1000", *TRAIN_ARGS)
+    assert "--fit-time-limit:" in completed.stderr and "schedule now ends after" in completed.stderr
+    last = load_checkpoint(output / "last.pt")  # written at the end although --checkpoint-every is larger
+    assert last["epoch"] == last["end_epoch"] - 1 < 499
+    with open(output / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == last["end_epoch"]
+    assert float(rows[-1]["lr"]) < 0.9 * float(rows[0]["lr"])  # decayed: the 500-epoch schedule would still be at 0.99
+    assert "end_epoch" not in torch.load(output / "best.pt", weights_only=True)
+
+
 def test_gradient_reversal_flips_the_gradient_and_nothing_else():
     from model.adversary import GradientReversal
 
