@@ -10,6 +10,14 @@
 #            bash scripts/gpu_run.sh fetch 1        (parts 04-07; fetch 0 re-sends parts 00-03)
 #   here:    cat <files_at>/part_* > runs/gpu/export.pt, check its sha256 against train.log, then
 #            export.py --calibrate on ../shared/data/cxr, evaluate.py, audit.py (see MODEL_CARD.md).
+#
+# The full shortcut audit of the result (958 test images x 22 passes: ~100 min on the 2-core CPU, 1 min on an
+# H200). The fp16 checkpoint (112 MiB) and the test split (11 MiB) do not fit one call's 64 MiB, but files
+# under the ignored runs/ stay on a warm machine between calls, so the checkpoint travels in two pieces:
+#   here:    head -c 65000000 runs/gpu/export.pt > runs/dev/a/a.bin; tail -c +65000001 runs/gpu/export.pt \
+#                > runs/dev/b/b.bin; copy ../shared/data/cxr/test and its MANIFEST rows to data/cxr_test/
+#   device:  bash scripts/gpu_run.sh keep           (carry runs/dev/a)
+#            bash scripts/gpu_run.sh audit          (carry runs/dev/b and data/cxr_test), at once after
 # Environment overrides (defaults in brackets) let the same script run a CPU smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +53,18 @@ fetch)
     done
     ls -l "$OUT"
     ;;
+keep)
+    mkdir -p runs/keep && cp runs/dev/a/a.bin runs/keep/ && ls -l runs/keep
+    ;;
+audit)
+    mkdir -p "$RUN" && cat runs/keep/a.bin runs/dev/b/b.bin > "$RUN/audited.pt"
+    sha256sum "$RUN/audited.pt" | tee "$OUT/audit.log"
+    "$PY" scripts/audit.py --checkpoint "$RUN/audited.pt" --data data/cxr_test/test \
+        --manifest data/cxr_test/MANIFEST.csv --output-dir "$OUT/audit" --loso-json docs/model/audit/loso.json \
+        --device "${DEVICE:-cuda}" --workers "${WORKERS:-15}" --batch-size 64 2>&1 | tee -a "$OUT/audit.log"
+    ;;
 *)
-    echo "usage: OUT=DIR $0 train | fetch 0|1" >&2
+    echo "usage: OUT=DIR $0 train | fetch 0|1 | keep | audit" >&2
     exit 2
     ;;
 esac
