@@ -2,20 +2,24 @@
 # One prepared training run on a lent GPU machine (the `device` tool), and the fetch of its result.
 #
 # The machine receives only the working tree (64 MiB; ../shared stays behind) and returns at most
-# 64 MiB of files of 16 MiB each per call, so:
+# 8 files, 64 MiB in all, 16 MiB each, per call, so:
 #   here:    .venv/bin/python scripts/compact_data.py --data ../shared/data/cxr --output data/cxr256
+#            mkdir -p data/cxr_test && cp -r ../shared/data/cxr/test data/cxr_test/ && \
+#                awk -F, 'NR==1 || $1=="test"' ../shared/data/cxr/MANIFEST.csv > data/cxr_test/MANIFEST.csv
 #            mv models/default.pt /tmp/   # a tracked 116 MiB file would not travel; restore it afterwards
-#   device:  bash scripts/gpu_run.sh train          (carry data/cxr256; timeout_s 600; returns parts 00-03
-#                                                    of the fp16 checkpoint with the log)
+#   device:  bash scripts/gpu_run.sh train          (carry data/cxr256 and data/cxr_test, 66 MB with the
+#                                                    repo; timeout_s 600). Returns parts 00-03 of the fp16
+#                                                    checkpoint, the log and, with data/cxr_test, the full
+#                                                    shortcut audit of the result as audit.tar
 #            bash scripts/gpu_run.sh fetch 1        (parts 04-07; fetch 0 re-sends parts 00-03)
 #   here:    cat <files_at>/part_* > runs/gpu/export.pt, check its sha256 against train.log, then
-#            export.py --calibrate on ../shared/data/cxr, evaluate.py, audit.py (see MODEL_CARD.md).
+#            export.py --calibrate on ../shared/data/cxr and evaluate.py (see MODEL_CARD.md). Delete
+#            data/cxr_test afterwards.
 #
-# The full shortcut audit of the result (958 test images x 22 passes: ~100 min on the 2-core CPU, 1 min on an
-# H200). The fp16 checkpoint (112 MiB) and the test split (11 MiB) do not fit one call's 64 MiB, but files
-# under the ignored runs/ stay on a warm machine between calls, so the checkpoint travels in two pieces:
-#   here:    head -c 65000000 runs/gpu/export.pt > runs/dev/a/a.bin; tail -c +65000001 runs/gpu/export.pt \
-#                > runs/dev/b/b.bin; copy ../shared/data/cxr/test and its MANIFEST rows to data/cxr_test/
+# The audit (958 test images x 22 passes) takes ~100 min on the 2-core CPU at 224 px and 1 min on an H200.
+# To audit a checkpoint that is here, not on the machine: the fp16 checkpoint (112 MiB) and the test split
+# do not fit one call, but files under the ignored runs/ stay on a warm machine between calls:
+#   here:    head -c 65000000 CKPT > runs/dev/a/a.bin; tail -c +65000001 CKPT > runs/dev/b/b.bin
 #   device:  bash scripts/gpu_run.sh keep           (carry runs/dev/a)
 #            bash scripts/gpu_run.sh audit          (carry runs/dev/b and data/cxr_test), at once after
 # Environment overrides (defaults in brackets) let the same script run a CPU smoke test.
@@ -25,6 +29,12 @@ PY=${PY:-python3}
 RUN=${RUN:-runs/gpu}
 OUT=${OUT:?set by the device tool}
 export PYTHONUNBUFFERED=1
+
+run_audit() {  # run_audit CHECKPOINT OUTPUT_DIR: the full audit of scripts/audit.py on the carried test split
+    "$PY" scripts/audit.py --checkpoint "$1" --data data/cxr_test/test --manifest data/cxr_test/MANIFEST.csv \
+        --output-dir "$2" --loso-json docs/model/audit/loso.json --device "${DEVICE:-cuda}" \
+        --workers "${WORKERS:-15}" --batch-size 64 ${AUDIT_LIMIT:+--limit "$AUDIT_LIMIT"}
+}
 
 case "${1:-}" in
 train)
@@ -44,6 +54,10 @@ train)
     ls -l "$RUN" | tee -a "$OUT/train.log"
     sha256sum "$RUN/export.pt" | tee -a "$OUT/train.log"
     cp "$RUN"/part_0[0-3] "$OUT/"  # 60 MiB: with the log, under the 64 MiB a call may return
+    if [ -d data/cxr_test/test ]; then  # one file, so the call stays within 8 files
+        run_audit "$RUN/export.pt" "$RUN/audit" 2>&1 | tee -a "$OUT/train.log"
+        tar -cf "$OUT/audit.tar" -C "$RUN" audit
+    fi
     ;;
 fetch)
     # parts 4k .. 4k+3: four 15 MiB files stay under the 64 MiB a call may return
@@ -59,9 +73,7 @@ keep)
 audit)
     mkdir -p "$RUN" && cat runs/keep/a.bin runs/dev/b/b.bin > "$RUN/audited.pt"
     sha256sum "$RUN/audited.pt" | tee "$OUT/audit.log"
-    "$PY" scripts/audit.py --checkpoint "$RUN/audited.pt" --data data/cxr_test/test \
-        --manifest data/cxr_test/MANIFEST.csv --output-dir "$OUT/audit" --loso-json docs/model/audit/loso.json \
-        --device "${DEVICE:-cuda}" --workers "${WORKERS:-15}" --batch-size 64 2>&1 | tee -a "$OUT/audit.log"
+    run_audit "$RUN/audited.pt" "$OUT/audit" 2>&1 | tee -a "$OUT/audit.log"
     ;;
 *)
     echo "usage: OUT=DIR $0 train | fetch 0|1 | keep | audit" >&2
