@@ -1,4 +1,5 @@
-"""Shortcut audit of a checkpoint on one split: per-source metrics, perturbation stability, source probe, LOSO table."""
+"""Shortcut audit of a checkpoint on one split: per-source metrics, perturbation stability, source probe, LOSO table,
+and where the heatmaps lie per class and source."""
 
 import argparse
 import logging
@@ -28,6 +29,9 @@ def get_args_parser():
     parser.add_argument("--min-probe-images", type=int, default=10,
                         help="a source takes part in the source probe with at least this many images of the class")
     parser.add_argument("--loso-json", default=None, help="loso.json from scripts/loso.py, shown as part 4")
+    parser.add_argument("--heatmaps", default="also", choices=("also", "only", "off"),
+                        help="where the heatmaps lie per class and source (model/heatmap_audit.py), written to "
+                             "OUTPUT_DIR/heatmaps/: with the audit (one more pass), instead of it, or not")
     return parser
 
 
@@ -36,20 +40,26 @@ def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from model import heatmap_audit
     from model.audit import REPORT_NAME, format_summary, run_audit
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    options = {"manifest": args.manifest, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size,
+               "workers": args.workers, "device": args.device}
+    heatmaps_dir = Path(args.output_dir) / "heatmaps"
     try:
-        result = run_audit(
-            args.checkpoint, args.data, args.output_dir, manifest=args.manifest, limit=args.limit, seed=args.seed,
-            batch_size=args.batch_size, workers=args.workers, device=args.device, loso_json=args.loso_json,
-            min_probe_images=args.min_probe_images,
-        )
+        if args.heatmaps != "only":
+            result = run_audit(args.checkpoint, args.data, args.output_dir, loso_json=args.loso_json,
+                               min_probe_images=args.min_probe_images, **options)
+            print(format_summary(result))
+            print(f"wrote {Path(args.output_dir) / REPORT_NAME}, audit.json and plots")
+        if args.heatmaps != "off":
+            heatmaps = heatmap_audit.run_heatmap_audit(args.checkpoint, args.data, heatmaps_dir, **options)
+            print(heatmap_audit.format_summary(heatmaps))
+            print(f"wrote {heatmaps_dir / heatmap_audit.REPORT_NAME}, heatmaps.json and the plot")
     except CovidScanError as error:
         sys.exit(f"error: {error}")
-    print(format_summary(result))
-    print(f"wrote {Path(args.output_dir) / REPORT_NAME}, audit.json and plots")
 
 
 if __name__ == "__main__":

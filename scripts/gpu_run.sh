@@ -73,7 +73,8 @@ keep)
 audit)
     mkdir -p "$RUN" && cat runs/keep/a.bin runs/dev/b/b.bin > "$RUN/audited.pt"
     sha256sum "$RUN/audited.pt" | tee "$OUT/audit.log"
-    run_audit "$RUN/audited.pt" "$OUT/audit" 2>&1 | tee -a "$OUT/audit.log"
+    run_audit "$RUN/audited.pt" "$RUN/audit" 2>&1 | tee -a "$OUT/audit.log"
+    tar -cf "$OUT/audit.tar" -C "$RUN" audit  # audit + heatmaps: more files than a call may return one by one
     ;;
 *)
     echo "usage: OUT=DIR $0 train | fetch 0|1 | keep | audit" >&2
