@@ -293,7 +293,7 @@ def perturbation_rng(seed, perturbation_name, path):
 # Batched forward passes with pooled features
 
 
-class _PerturbedImages(Dataset):
+class PerturbedImages(Dataset):
     """Decoded images, optionally perturbed, through the eval transform; yields (tensor, target)."""
 
     def __init__(self, split, transform, perturbation=None, seed=0):
@@ -312,7 +312,7 @@ class _PerturbedImages(Dataset):
 
 def predict_split(network, transform, split, *, perturbation=None, seed=0, batch_size=32, workers=0, device="cpu"):
     """Logits and pooled penultimate features (global average of the last block = the input of ``fc``)."""
-    loader = DataLoader(_PerturbedImages(split, transform, perturbation, seed), batch_size=batch_size,
+    loader = DataLoader(PerturbedImages(split, transform, perturbation, seed), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
     logits, features, _ = predict_logits(network, loader, torch.device(device), with_features=True)
     return logits, features
@@ -508,13 +508,13 @@ def write_audit(result, output_dir):
 # Report
 
 
-def _markdown_table(header, rows):
+def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines.extend("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
     return "\n".join(lines)
 
 
-def _percent(value):
+def percent(value):
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
@@ -536,29 +536,29 @@ def format_report(result):
         f"intensity {transform['intensity']}",
         f"- data: `{result['data']}`, {result['n']} images{subset}",
         f"- sources: " + ", ".join(f"`{tag}` = {repo}" for tag, repo in sorted(result["sources"].items())),
-        f"- overall accuracy {_percent(result['overall']['accuracy'])}, macro-F1 {result['overall']['macro_f1']:.3f}",
+        f"- overall accuracy {percent(result['overall']['accuracy'])}, macro-F1 {result['overall']['macro_f1']:.3f}",
         "",
         "## 1. Per-source metrics",
         "",
         "Sensitivity of one class that differs a lot between sources means the model reads the source, "
         "not the disease.",
         "",
-        _markdown_table(
+        markdown_table(
             ["source", "n", "accuracy"] + [f"{name} sensitivity (n)" for name in class_names],
             [
-                [f"`{source}`", result["per_source"][source]["n"], _percent(result["per_source"][source]["accuracy"])]
+                [f"`{source}`", result["per_source"][source]["n"], percent(result["per_source"][source]["accuracy"])]
                 + [
-                    f"{_percent(values['sensitivity'])} ({values['n']})" if values else "-"
+                    f"{percent(values['sensitivity'])} ({values['n']})" if values else "-"
                     for values in (result["per_source"][source]["per_class"].get(name) for name in class_names)
                 ]
                 for source in sources
             ],
         ),
         "",
-        _markdown_table(
+        markdown_table(
             ["class", "source", "n", "sensitivity"] + [f"predicted {name}" for name in class_names],
             [
-                [group["class"], f"`{group['source']}`", group["n"], _percent(group["sensitivity"])]
+                [group["class"], f"`{group['source']}`", group["n"], percent(group["sensitivity"])]
                 + [group["predicted"][name] for name in class_names]
                 for group in result["per_class_source"]
             ],
@@ -575,15 +575,15 @@ def format_report(result):
     summary = result["perturbation_summary"]
     if result["perturbations"]:
         lines += [
-            f"Mean flip rate **{_percent(summary['mean_flip_rate'])}**; worst: **{summary['worst']}** "
-            f"({_percent(summary['worst_flip_rate'])}).",
+            f"Mean flip rate **{percent(summary['mean_flip_rate'])}**; worst: **{summary['worst']}** "
+            f"({percent(summary['worst_flip_rate'])}).",
             "",
-            _markdown_table(
+            markdown_table(
                 ["perturbation", "what", "flip rate", "accuracy", "change"] + [f"flips `{s}`" for s in sources],
                 [
-                    [name, values["description"], _percent(values["flip_rate"]), _percent(values["accuracy"]),
+                    [name, values["description"], percent(values["flip_rate"]), percent(values["accuracy"]),
                      f"{100 * values['accuracy_change']:+.1f} pt"]
-                    + [_percent(values["flip_rate_by_source"].get(source)) for source in sources]
+                    + [percent(values["flip_rate_by_source"].get(source)) for source in sources]
                     for name, values in result["perturbations"].items()
                 ],
             ),
@@ -602,15 +602,15 @@ def format_report(result):
         "from the pooled penultimate features, within one class. Balanced accuracy well above chance means the "
         "features encode where an image came from.",
         "",
-        _markdown_table(
+        markdown_table(
             ["class", "sources (n)", "balanced accuracy", "chance", "folds", "left out (n)"],
             [
                 [
                     name,
                     ", ".join(f"`{source}` ({count})" for source, count in entry["sources"].items()) or "-",
-                    _percent(entry["balanced_accuracy"]) if "balanced_accuracy" in entry
+                    percent(entry["balanced_accuracy"]) if "balanced_accuracy" in entry
                     else f"skipped: {entry['skipped']}",
-                    _percent(entry.get("chance")),
+                    percent(entry.get("chance")),
                     entry.get("folds", "-"),
                     ", ".join(f"`{source}` ({count})" for source, count in entry["excluded"].items()) or "-",
                 ]
@@ -943,15 +943,15 @@ def format_loso_markdown(loso, *, heading=True):
         "class (train and val) and is tested on that source's images of the class in the original test split. "
         "A held-out sensitivity far below the kept sources' means the class was learned through its source.",
         "",
-        _markdown_table(
+        markdown_table(
             ["held-out class", "held-out source", "train images of class left", "test n", "held-out sensitivity",
              "predicted as", "kept sources' sensitivity (n)", "fold time"],
             [
                 [
                     fold["class"], f"`{fold['source']}`", fold["train_counts"].get(fold["class"], 0),
-                    fold["heldout"]["n"], _percent(fold["heldout"]["sensitivity"]),
+                    fold["heldout"]["n"], percent(fold["heldout"]["sensitivity"]),
                     ", ".join(f"{name} {count}" for name, count in fold["heldout"]["predicted"].items()),
-                    f"{_percent(fold['reference']['sensitivity'])} ({fold['reference']['n']})",
+                    f"{percent(fold['reference']['sensitivity'])} ({fold['reference']['n']})",
                     f"{fold['wall_seconds'] / 60:.1f} min",
                 ]
                 for fold in loso["folds"]

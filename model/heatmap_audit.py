@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.audit import _PerturbedImages, _markdown_table, _percent, default_manifest, load_split
+from model.audit import PerturbedImages, default_manifest, load_split, markdown_table, percent
 from model.cam import ActivationRecorder, class_activation_maps, cam_to_image_space
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
 from model.transforms import build_eval_transform
@@ -66,7 +66,7 @@ def heat_frame(cam, transform_params, image_size, grid=GRID):
 
 def predicted_class_frames(network, transform, transform_params, split, *, batch_size=32, workers=0, device="cpu"):
     """Predicted class and heat frame of every image of ``split`` (decoded), in order."""
-    loader = DataLoader(_PerturbedImages(split, transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(PerturbedImages(split, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     recorder = ActivationRecorder(network)
     predictions, frames = [], []
@@ -94,18 +94,18 @@ def summarise_groups(frames, targets, predictions, sources, class_names, masks):
     """Mean region shares, where the peaks lie and the mean frame per (true class, source), plus one row per class."""
     shares = np.array([[heat_shares(frame, masks)[name] for name in REGIONS] for frame in frames])
     peaks = np.array([peak_region(frame, masks) for frame in frames])
+    sources, predictions = np.asarray(sources), np.asarray(predictions)
     groups = []
     for class_index, class_name in enumerate(class_names):
         in_class = np.asarray(targets) == class_index
-        keys = sorted({sources[i] for i in np.flatnonzero(in_class)})
-        for source in [*keys, None]:
-            selected = in_class & (np.array([s == source for s in sources]) if source else True)
+        for source in [*sorted(set(sources[in_class])), None]:  # each source, then the class as a whole
+            selected = in_class & (sources == source) if source else in_class
             if not selected.any():
                 continue
             mean = np.nanmean(shares[selected], axis=0)
             groups.append({
-                "class": class_name, "source": source or "all", "n": int(selected.sum()),
-                "correct": float(np.mean(np.asarray(predictions)[selected] == class_index)),
+                "class": class_name, "source": str(source) if source else "all", "n": int(selected.sum()),
+                "correct": float(np.mean(predictions[selected] == class_index)),
                 **{f"share_{name}": float(value) for name, value in zip(REGIONS, mean)},
                 **{f"peak_{name}": float(np.mean(peaks[selected] == name)) for name in REGIONS},
                 "mean_frame": frames[selected].mean(axis=0).round(4).tolist(),
@@ -158,8 +158,8 @@ def format_report(result):
         f"- data: `{result['data']}`, {result['n']} images"
         + (f" (stratified subset, seed {result['seed']})" if result["limit"] else ""),
         "- heatmap: class activation map of the **predicted** class over the original image (what the app shows)",
-        f"- regions of the image frame (share of its area): centre {_percent(area['centre'])}, outer band "
-        f"{_percent(area['band'])} (10 % at the top and sides), bottom quarter {_percent(area['bottom'])}. "
+        f"- regions of the image frame (share of its area): centre {percent(area['centre'])}, outer band "
+        f"{percent(area['band'])} (10 % at the top and sides), bottom quarter {percent(area['bottom'])}. "
         "These are parts of the frame, not anatomy: no lung masks are available here.",
         "",
         "Share of the heat in each region (mean over images; heat spread evenly would give the area shares above),",
@@ -167,10 +167,10 @@ def format_report(result):
         "",
     ]
     rows = [[group["class"], f"`{group['source']}`" if group["source"] != "all" else "**all**", str(group["n"]),
-             _percent(group["correct"]), *(_percent(group[f"share_{name}"]) for name in REGIONS),
-             *(_percent(group[f"peak_{name}"]) for name in REGIONS)]
+             percent(group["correct"]), *(percent(group[f"share_{name}"]) for name in REGIONS),
+             *(percent(group[f"peak_{name}"]) for name in REGIONS)]
             for group in result["groups"]]
-    lines.append(_markdown_table(["class", "source", "n", "predicted correctly", "heat: centre", "outer band",
+    lines.append(markdown_table(["class", "source", "n", "predicted correctly", "heat: centre", "outer band",
                                   "bottom quarter", "peak: centre", "outer band", "bottom quarter"], rows))
     lines += ["", f"![mean heatmaps]({PLOT_NAME})", "", f"Wall time {result['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)

@@ -192,8 +192,6 @@ def train(args):
                 adversary.load_state_dict(state["adversary_state_dict"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            # --epochs may differ on resume (a shorter or longer second stage): the decay follows the arguments
-            schedule.total_steps = args.epochs * steps_per_epoch
             start_epoch = state["epoch"] + 1
             best_score = state["best_score"]
             epochs_without_improvement = state["epochs_without_improvement"]
@@ -239,7 +237,8 @@ def train(args):
     run_start, end_epoch, epoch_durations = time.perf_counter(), args.epochs, []
     if state.get("end_epoch") and state.get("args", {}).get("epochs") == args.epochs:
         end_epoch = min(args.epochs, state["end_epoch"])  # a schedule shortened by --fit-time-limit stays short
-        schedule.total_steps = end_epoch * steps_per_epoch
+    # The decay ends at end_epoch: --epochs may differ on resume (a second stage), --fit-time-limit shortens it.
+    schedule.total_steps = end_epoch * steps_per_epoch
     checkpoint_every = max(1, getattr(args, "checkpoint_every", 1))
     for epoch in range(start_epoch, args.epochs):
         if epoch >= end_epoch:
@@ -295,7 +294,6 @@ def train(args):
                     logger.info("--fit-time-limit: %.1f s per epoch, so the schedule now ends after %d epochs "
                                 "instead of %d", pace, fitted, end_epoch)
                     end_epoch = fitted
-                    schedule.total_steps = end_epoch * steps_per_epoch
             if not stop and out_of_time(time_limit, time.perf_counter() - run_start,
                                         epoch - start_epoch + 1, epoch + 1 < end_epoch):
                 stop = True
@@ -307,12 +305,11 @@ def train(args):
             )
             if is_best:
                 save_checkpoint(to_serving(checkpoint), best_path)
-            write_last = stop or epoch + 1 >= end_epoch or (epoch + 1) % checkpoint_every == 0
-            if write_last and ema is not None:  # last.pt resumes the trained weights; the average travels beside them
-                checkpoint.update(state_dict=network.state_dict(), ema_state_dict=ema.state_dict())
-            if write_last and adversary is not None:
-                checkpoint.update(adversary_state_dict=adversary.state_dict())
-            if write_last:
+            if stop or epoch + 1 >= end_epoch or (epoch + 1) % checkpoint_every == 0:  # last.pt
+                if ema is not None:  # last.pt resumes the trained weights; the average travels beside them
+                    checkpoint.update(state_dict=network.state_dict(), ema_state_dict=ema.state_dict())
+                if adversary is not None:
+                    checkpoint.update(adversary_state_dict=adversary.state_dict())
                 checkpoint.update(
                     val_metrics=best_val_metrics, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     best_score=best_score, epochs_without_improvement=epochs_without_improvement,
@@ -320,7 +317,8 @@ def train(args):
                 )
                 save_checkpoint(checkpoint, last_path)
         distributed.barrier()
-        end_epoch = distributed.broadcast_int(end_epoch, device)
+        end_epoch = distributed.broadcast_int(end_epoch, device)  # every rank follows rank 0's schedule
+        schedule.total_steps = end_epoch * steps_per_epoch
         if distributed.broadcast_flag(stop, device):
             break
     distributed.cleanup()
