@@ -23,9 +23,11 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
     loader yields ``(images, (classes, sources))`` and its loss joins the class loss.
     """
     network.train()
-    total_loss, total_correct, total_seen, source_correct = 0.0, 0.0, 0.0, 0.0
+    # Sums stay on the device: a .item() per step would stall the CPU until the GPU caught up, every step.
+    total_loss, total_correct, total_seen, source_correct = 0.0, 0.0, 0, 0.0
     start = time.perf_counter()
-    batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and is_main_process()))
+    show_progress = progress and is_main_process()
+    batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress)
     for step, (images, targets) in enumerate(batches):
         sources = None
         if isinstance(targets, (list, tuple)):
@@ -53,11 +55,14 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
             ema.update_parameters(getattr(network, "module", network))
             if ema_restart:
                 ema.n_averaged.fill_(0)
-        total_loss += class_loss.item() * len(targets)
-        total_correct += (logits.argmax(dim=1) == targets).sum().item()
+        total_loss += class_loss.detach().float() * len(targets)
+        total_correct += (logits.detach().argmax(dim=1) == targets).sum()
         total_seen += len(targets)
-        batches.set_postfix(loss=f"{total_loss / total_seen:.4f}", acc=f"{total_correct / total_seen:.3f}")
-    total_loss, total_correct, total_seen = all_reduce_sum([total_loss, total_correct, total_seen], device)
+        if show_progress:
+            batches.set_postfix(loss=f"{float(total_loss) / total_seen:.4f}",
+                                acc=f"{float(total_correct) / total_seen:.3f}")
+    total_loss, total_correct, total_seen = all_reduce_sum([float(total_loss), float(total_correct), total_seen],
+                                                           device)
     elapsed = time.perf_counter() - start
     stats = {
         "train_loss": total_loss / max(total_seen, 1),
