@@ -199,6 +199,31 @@ def test_ema_decay_halves_after_the_half_life():
     assert decay ** (2 * 100 / 10) == pytest.approx(0.5)
 
 
+def test_weight_average_is_an_exponential_average_of_weights_and_buffers():
+    """The fused update keeps the arithmetic: first update copies, then decay * average + (1 - decay) * current."""
+    import torch
+
+    from model.training import ExponentialMovingAverage
+
+    network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = ExponentialMovingAverage(network, decay=0.75)
+    average.update_parameters(network)  # the first update copies
+    before = {name: value.clone() for name, value in average.module.state_dict().items()}
+    with torch.no_grad():
+        network[0].weight.add_(1.0)
+        network[1].running_mean.add_(2.0)
+    network[1].num_batches_tracked += 4
+    average.update_parameters(network)
+    state = average.module.state_dict()
+    current = network.state_dict()
+    for name in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
+        expected = 0.75 * before[name] + 0.25 * current[name]
+        assert torch.allclose(state[name], expected), name
+    assert not torch.equal(state["0.weight"], current["0.weight"])  # averaged, not copied
+    assert state["1.num_batches_tracked"].dtype == torch.int64  # integer buffers keep their type
+    assert int(average.n_averaged) == 2
+
+
 def test_export_half_preserves_metadata(trained, tmp_path):
     completed = run_script("export.py", "--checkpoint", trained / "last.pt", "--output", tmp_path / "served.pt",
                            "--half", "--model-version", "1.2.3")
