@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.optim.swa_utils import AveragedModel  # noqa: E402
 
+from model.engine import backward_and_step  # noqa: E402
 from model.network import build_model  # noqa: E402
 from model.training import ExponentialMovingAverage  # noqa: E402
 
@@ -70,14 +71,7 @@ def main(args):
     def train_step():
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             loss = criterion(network(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
 
     functions = {
         "train step (baseline)": train_step,

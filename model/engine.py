@@ -42,14 +42,7 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
                 adversary_loss, correct = adversary.loss(targets, sources)
                 loss = class_loss + adversary_loss
                 source_correct += correct
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         scheduler.step()
         if ema is not None and step % ema_every == 0:
             ema.update_parameters(getattr(network, "module", network))
@@ -72,6 +65,18 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
     if adversary is not None:  # how well the adversary still tells sources apart (single process only)
         stats["train_source_accuracy"] = source_correct / max(total_seen, 1)
     return stats
+
+
+def backward_and_step(loss, optimizer, scaler=None):
+    """Clear the gradients, back-propagate ``loss`` and step ``optimizer`` (through ``scaler`` under fp16 AMP)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 @torch.inference_mode()
