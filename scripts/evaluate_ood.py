@@ -23,7 +23,8 @@ def get_args_parser():
                         help="also refit Mahalanobis statistics pooled on these grids (e.g. 1 2) and compare them")
     parser.add_argument("--fit-data", help="dataset root with train/ and val/ for --compare-grids")
     parser.add_argument("--fit-limit", type=int, default=None, help="train images to sample for --compare-grids")
-    parser.add_argument("--components", type=int, default=None, help="PCA components for --compare-grids")
+    parser.add_argument("--components", type=int, nargs="+", default=None,
+                        help="PCA components for --compare-grids; several sizes are compared on every grid")
     return parser
 
 
@@ -40,10 +41,11 @@ def main(args):
         predictor = Predictor.from_path(args.checkpoint, backend="eager")
         compare = {}
         if args.compare_grids:
-            fitted = fit_grid_statistics(predictor, args.fit_data, args.compare_grids,
-                                         components=args.components or DEFAULT_COMPONENTS,
+            sizes = args.components or [DEFAULT_COMPONENTS]
+            fitted = fit_grid_statistics(predictor, args.fit_data, args.compare_grids, components=sizes,
                                          train_limit=args.fit_limit, seed=args.seed)
-            compare = {f"{grid}x{grid} pool": statistics for grid, statistics in fitted.items()}
+            compare = {(f"{grid}x{grid} pool" if len(sizes) == 1 else f"{grid}x{grid} pool, {size} components"):
+                       statistics for (grid, size), statistics in fitted.items()}
         report = evaluate_ood(predictor, args.data, limit=args.limit, seed=args.seed, compare=compare)
     except CovidScanError as error:
         sys.exit(f"error: {error}")
