@@ -37,6 +37,19 @@ def test_mahalanobis_flags_far_points_and_threshold_rate():
     assert statistics["projection"].shape == (32, 16)
 
 
+def test_mahalanobis_projection_is_stored_as_float16_and_float32_statistics_still_score():
+    """The D x k projection is stored as float16; checkpoints calibrated before that (float32) score the same."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 3, 500)
+    features = rng.normal(0, 1, (3, 64))[targets] + rng.normal(0, 1, (500, 64))
+    statistics = fit_mahalanobis(features, targets, components=16)
+    assert statistics["projection"].dtype == torch.float16
+    older = dict(statistics, projection=statistics["projection"].float())
+    np.testing.assert_allclose(mahalanobis_score(older, features), mahalanobis_score(statistics, features), rtol=1e-6)
+
+
 def test_predictor_reports_ood_and_applies_temperature(tiny_checkpoint_path, xray_png, tmp_path):
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.inference import Predictor
@@ -83,7 +96,7 @@ def test_ood_evaluation_reports_every_set(tiny_checkpoint_path, image_folder, tm
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "evaluate_ood.py"), "--checkpoint", str(path),
          "--data", str(image_folder / "test"), "--limit", "12", "--output-dir", str(tmp_path / "out"),
-         "--compare-grids", "1", "2", "--fit-data", str(image_folder), "--components", "4"],
+         "--compare-grids", "1", "2", "--fit-data", str(image_folder), "--components", "4", "6"],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
@@ -91,9 +104,10 @@ def test_ood_evaluation_reports_every_set(tiny_checkpoint_path, image_folder, tm
     assert len(report["sets"]) == 6
     for values in report["sets"].values():
         assert 0.0 <= values["auroc_mahalanobis"] <= values["auroc_with_input_checks"] <= 1.0 and values["n"] > 0
-        assert set(values["compare"]) == {"1x1 pool", "2x2 pool"}
+        expected = {f"{grid}x{grid} pool, {size} components" for grid in (1, 2) for size in (4, 6)}
+        assert set(values["compare"]) == expected
     photos = report["sets"]["natural photos (scikit-image)"]
     assert photos["input_check_rate"] > 0.25, "5 of the 14 scikit-image sample photos are in colour"
     assert photos["flag_rate"] >= photos["input_check_rate"]
-    assert report["compare"]["2x2 pool"]["grid"] == 2
-    assert "AUROC" in completed.stdout and "2x2 pool" in completed.stdout
+    assert report["compare"]["2x2 pool, 6 components"]["grid"] == 2
+    assert "AUROC" in completed.stdout and "2x2 pool, 6 components" in completed.stdout
