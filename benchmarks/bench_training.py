@@ -1,8 +1,9 @@
 """Training-step benchmark: one optimiser step as the baseline, and the weight-average update as a ratio to it.
 
-The weight average (``--model-ema``) is updated after every step. Updated tensor by tensor in Python it launches a
-few small kernels per tensor (ResNet-152: ~930 parameters and buffers); ``model.training.ExponentialMovingAverage``
-does one fused ``lerp`` per (device, dtype) group instead. Both are timed round-robin with the step itself.
+The weight average (``--model-ema``) is updated every ``--model-ema-steps`` steps. Updated tensor by tensor in
+Python it launches a few small kernels per tensor (ResNet-152: ~930 parameters and buffers);
+``model.training.ExponentialMovingAverage`` does one fused ``lerp`` per (device, dtype) group instead. Both are
+timed round-robin with the step itself.
 
     .venv/bin/python benchmarks/bench_training.py --arch resnet18 --image-size 64      # CPU, a minute
     python benchmarks/bench_training.py --device cuda --arch resnet152 --image-size 224 --batch-size 64

@@ -135,12 +135,9 @@ def forward_images(predictor, images, batch_size=32):
     return torch.cat(all_logits), torch.cat(all_activations)
 
 
-def fit_grid_statistics(predictor, data_root, grids, *, components, train_limit=None, seed=0, false_flag_rate=0.01):
-    """Refit Mahalanobis statistics on ``train`` (threshold on ``val``) for each pooling grid, from one pass.
-
-    ``components`` is one PCA size or a list of them. Returns {grid: statistics} for one size, else
-    {(grid, size): statistics}.
-    """
+def fit_grid_statistics(predictor, data_root, grids, sizes, *, train_limit=None, seed=0, false_flag_rate=0.01):
+    """Refit Mahalanobis statistics on ``train`` (threshold on ``val``) for each pooling grid and PCA size, from
+    one pass over the images: {(grid, size): statistics}."""
     rng = random.Random(seed)
     pooled = {}
     for split in ("train", "val"):
@@ -155,13 +152,11 @@ def fit_grid_statistics(predictor, data_root, grids, *, components, train_limit=
                 features[grid].append(pooled_features(activations, grid).numpy())
         targets = np.array([target for _, target in samples])
         pooled[split] = ({grid: np.concatenate(values) for grid, values in features.items()}, targets)
-    sizes = [components] if isinstance(components, int) else list(components)
-    fitted = {
+    return {
         (grid, size): fit_ood_statistics(pooled["train"][0][grid], pooled["train"][1], pooled["val"][0][grid],
                                          components=size, grid=grid, false_flag_rate=false_flag_rate)[0]
         for grid in grids for size in sizes
     }
-    return {grid: statistics for (grid, _), statistics in fitted.items()} if isinstance(components, int) else fitted
 
 
 def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):

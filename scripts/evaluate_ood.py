@@ -42,7 +42,7 @@ def main(args):
         compare = {}
         if args.compare_grids:
             sizes = args.components or [DEFAULT_COMPONENTS]
-            fitted = fit_grid_statistics(predictor, args.fit_data, args.compare_grids, components=sizes,
+            fitted = fit_grid_statistics(predictor, args.fit_data, args.compare_grids, sizes,
                                          train_limit=args.fit_limit, seed=args.seed)
             compare = {(f"{grid}x{grid} pool" if len(sizes) == 1 else f"{grid}x{grid} pool, {size} components"):
                        statistics for (grid, size), statistics in fitted.items()}
