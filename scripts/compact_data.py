@@ -19,7 +19,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, type=Path, help="ImageFolder root, e.g. ../shared/data/cxr")
     parser.add_argument("--output", required=True, type=Path, help="where the copy goes, e.g. data/cxr256")
-    parser.add_argument("--splits", nargs="+", default=["train", "val"], help="train and val only: the test split never goes into a training copy (the GPU audit, gpu_run.sh, carries test unchanged)")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"],
+                        help="train and val only: the test split never goes into a training copy "
+                             "(the GPU audit, gpu_run.sh, carries test unchanged)")
     parser.add_argument("--max-side", type=int, default=256)
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
     parser.add_argument("--workers", type=int, default=4)

@@ -31,10 +31,19 @@ RUN=${RUN:-runs/gpu}
 OUT=${OUT:?set by the device tool}
 export PYTHONUNBUFFERED=1
 
-run_audit() {  # run_audit CHECKPOINT OUTPUT_DIR: the full audit of scripts/audit.py on the carried test split
+audit_to_out() {  # audit_to_out CHECKPOINT: the full audit of scripts/audit.py on the carried test split, as one tar
+    sha256sum "$1" | tee "$OUT/audit.log"
     "$PY" scripts/audit.py --checkpoint "$1" --data data/cxr_test/test --manifest data/cxr_test/MANIFEST.csv \
-        --output-dir "$2" --loso-json docs/model/audit/loso.json --device "${DEVICE:-cuda}" \
-        --workers "${WORKERS:-15}" --batch-size 64 ${AUDIT_LIMIT:+--limit "$AUDIT_LIMIT"}
+        --output-dir "$RUN/audit" --loso-json docs/model/audit/loso.json --device "${DEVICE:-cuda}" \
+        --workers "${WORKERS:-15}" --batch-size 64 ${AUDIT_LIMIT:+--limit "$AUDIT_LIMIT"} 2>&1 | tee -a "$OUT/audit.log"
+    tar -cf "$OUT/audit.tar" -C "$RUN" audit  # audit + heatmaps: more files than a call may return one by one
+}
+
+copy_parts() {  # copy_parts FIRST: checkpoint parts FIRST .. FIRST+3 (four 15 MiB files, under a call's 64 MiB)
+    for index in 0 1 2 3; do
+        part=$(printf "%s/part_%02d" "$RUN" $(( $1 + index )))
+        if [ -f "$part" ]; then cp "$part" "$OUT/"; fi
+    done
 }
 
 case "${1:-}" in
@@ -61,22 +70,11 @@ train)
     ;;
 finish)
     # The audit runs here, not after training, so that the training call can use all of its 600 s.
-    for index in 4 5 6 7; do
-        part=$(printf "%s/part_%02d" "$RUN" "$index")
-        if [ -f "$part" ]; then cp "$part" "$OUT/"; fi
-    done
-    sha256sum "$RUN/export.pt" | tee "$OUT/audit.log"
-    if [ -d data/cxr_test/test ]; then  # one tar, so the call stays within 8 files
-        run_audit "$RUN/export.pt" "$RUN/audit" 2>&1 | tee -a "$OUT/audit.log"
-        tar -cf "$OUT/audit.tar" -C "$RUN" audit
-    fi
+    copy_parts 4
+    if [ -d data/cxr_test/test ]; then audit_to_out "$RUN/export.pt"; fi
     ;;
 fetch)
-    # parts 4k .. 4k+3: four 15 MiB files stay under the 64 MiB a call may return
-    for index in 0 1 2 3; do
-        part=$(printf "%s/part_%02d" "$RUN" $(( ${2:?fetch needs 0 or 1} * 4 + index )))
-        if [ -f "$part" ]; then cp "$part" "$OUT/"; fi
-    done
+    copy_parts $(( ${2:?fetch needs 0 or 1} * 4 ))
     ls -l "$OUT"
     ;;
 keep)
@@ -84,9 +82,7 @@ keep)
     ;;
 audit)
     mkdir -p "$RUN" && cat runs/keep/a.bin runs/dev/b/b.bin > "$RUN/audited.pt"
-    sha256sum "$RUN/audited.pt" | tee "$OUT/audit.log"
-    run_audit "$RUN/audited.pt" "$RUN/audit" 2>&1 | tee -a "$OUT/audit.log"
-    tar -cf "$OUT/audit.tar" -C "$RUN" audit  # audit + heatmaps: more files than a call may return one by one
+    audit_to_out "$RUN/audited.pt"
     ;;
 *)
     echo "usage: OUT=DIR $0 train | finish | fetch 0|1 | keep | audit" >&2
