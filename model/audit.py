@@ -790,11 +790,13 @@ def build_holdout_folder(entries, class_name, source, folder):
 
 
 def _loso_config(train_args, min_train_images):
-    keys = ("arch", "weights", "recipe", "intensity", "image_size", "epochs", "batch_size", "lr", "opt",
+    keys = ("arch", "weights", "recipe", "intensity", "resize", "image_size", "epochs", "batch_size", "lr", "opt",
             "weight_decay", "class_weighting", "sampler", "seed")
     config = {key: getattr(train_args, key) for key in keys if hasattr(train_args, key)}
     if config.get("intensity") is None:
         config.pop("intensity", None)  # the recipe's own; folds run before --intensity existed match
+    if config.get("resize") is None:
+        config.pop("resize", None)  # likewise for --resize
     adversary = getattr(train_args, "source_adversary", 0.0)
     if adversary:
         config["source_adversary"] = adversary

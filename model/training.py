@@ -126,7 +126,8 @@ def train(args):
     if not data_root.is_dir():
         raise DataError(f"data folder not found: {data_root}")
     transform_params = eval_transform_params(image_size=args.image_size, recipe=args.recipe,
-                                             intensity=getattr(args, "intensity", None))
+                                             intensity=getattr(args, "intensity", None),
+                                             resize_mode=getattr(args, "resize", None))
     train_set = make_image_folder(data_root / "train", build_train_transform(transform_params, recipe=args.recipe))
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes

@@ -245,19 +245,22 @@ class RandomAcquisition:
         return f"{type(self).__name__}(probability={self.probability})"
 
 
-def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None):
+def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, resize_mode=None):
     """Return the plain-dict description of the eval transform that is stored in checkpoints.
 
-    ``intensity`` overrides the recipe's intensity normalisation (one of ``INTENSITY_MODES``).
+    ``intensity`` overrides the recipe's intensity normalisation (one of ``INTENSITY_MODES``), ``resize_mode``
+    its resize (one of ``RESIZE_MODES``: robust letterboxes, tutorial squashes).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
     if intensity is not None and intensity not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {intensity!r}; choose one of {INTENSITY_MODES}")
+    if resize_mode is not None and resize_mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize_mode!r}; choose one of {RESIZE_MODES}")
     robust = recipe == "robust"
     return {
         "image_size": image_size,
-        "resize_mode": "letterbox" if robust else "squash",
+        "resize_mode": resize_mode or ("letterbox" if robust else "squash"),
         "crop_size": image_size,
         "intensity": intensity or ("equalize" if robust else "none"),
         "channels": 3,

@@ -23,6 +23,13 @@
 #   here:    head -c 65000000 CKPT > runs/dev/a/a.bin; tail -c +65000001 CKPT > runs/dev/b/b.bin
 #   device:  bash scripts/gpu_run.sh keep           (carry runs/dev/a)
 #            bash scripts/gpu_run.sh audit          (carry runs/dev/b and data/cxr_test), at once after
+# Recipe comparison at one small budget (resnet18, IMAGE_SIZE 96, EPOCHS 8: docs/audit.md's table), with seeds:
+#   here:    .venv/bin/python scripts/compact_data.py --data ../shared/data/cxr --output data/cxr160 --max-side 160
+#            and data/cxr_test as above
+#   device:  bash scripts/gpu_run.sh compare        (carry data/cxr160 and data/cxr_test). Each of CONFIGS x SEEDS
+#                                                    trains and is audited on the full test split (no heatmaps);
+#                                                    and LOSO (4 folds) per config; STEPS orders them. Small results
+#                                                    go to compare.tar after every step, so a timeout keeps them.
 # Environment overrides (defaults in brackets) let the same script run a CPU smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +84,41 @@ fetch)
     copy_parts $(( ${2:?fetch needs 0 or 1} * 4 ))
     ls -l "$OUT"
     ;;
+compare)
+    results=runs/compare-results && mkdir -p "$results"
+    ln -sfn ../cxr_test/test data/cxr160/test  # LOSO tests each fold on the original test images
+    grep -q '^test,' data/cxr160/MANIFEST.csv || tail -n +2 data/cxr_test/MANIFEST.csv >> data/cxr160/MANIFEST.csv
+    budget=(--arch resnet18 --weights none --image-size "${IMAGE_SIZE:-96}" --epochs "${EPOCHS:-8}" --batch-size 32
+            --lr 1e-3 --device "${DEVICE:-cuda}" --workers "${WORKERS:-14}" --no-progress)
+    declare -A options=([tutorial]="--recipe tutorial" [robust]="--recipe robust"
+                        [robust_squash]="--recipe robust --resize squash")
+    configs=${CONFIGS:-tutorial robust robust_squash}
+    steps=${STEPS:-$(for c in $configs; do echo "train:0:$c"; done; for c in $configs; do echo "loso:0:$c"; done
+                     for s in 1 2; do for c in $configs; do echo "train:$s:$c"; done; done)}
+    for step in $steps; do  # kind:seed:config, most wanted first
+        IFS=: read -r kind seed config <<< "$step"
+        name="$config-s$seed" && start=$(date +%s)
+        if [ "$kind" = train ]; then
+            mkdir -p "$results/$name"
+            "$PY" scripts/train.py --data data/cxr160 --output-dir "runs/compare/$name" ${options[$config]} \
+                "${budget[@]}" --seed "$seed" > "$results/$name/train.log" 2>&1
+            echo "train_seconds $(( $(date +%s) - start ))" >> "$results/$name/train.log"
+            cp "runs/compare/$name/metrics.csv" "$results/$name/"
+            "$PY" scripts/audit.py --checkpoint "runs/compare/$name/best.pt" --data data/cxr_test/test \
+                --manifest data/cxr_test/MANIFEST.csv --output-dir "$results/$name/audit" --heatmaps off \
+                --device "${DEVICE:-cuda}" --workers "${WORKERS:-15}" ${AUDIT_LIMIT:+--limit "$AUDIT_LIMIT"} \
+                > "$results/$name/audit.log" 2>&1
+            rm -f "$results/$name"/audit/*.png
+        else
+            "$PY" scripts/loso.py --data data/cxr160 --output-dir "runs/loso/$name" ${options[$config]} \
+                "${budget[@]}" --seed "$seed" --holdout NORMAL:kermany --holdout NORMAL:c19rad \
+                --holdout COVID:cohen --holdout COVID:c19rad > "$results/loso-$name.log" 2>&1
+            cp "runs/loso/$name/loso.json" "$results/loso-$name.json"
+        fi
+        echo "$step: $(( $(date +%s) - start )) s" | tee -a "$OUT/compare.log"
+        tar -cf "$OUT/compare.tar" -C runs compare-results
+    done
+    ;;
 keep)
     mkdir -p runs/keep && cp runs/dev/a/a.bin runs/keep/ && ls -l runs/keep
     ;;
@@ -85,7 +127,7 @@ audit)
     audit_to_out "$RUN/audited.pt"
     ;;
 *)
-    echo "usage: OUT=DIR $0 train | finish | fetch 0|1 | keep | audit" >&2
+    echo "usage: OUT=DIR $0 train | finish | fetch 0|1 | keep | audit | compare" >&2
     exit 2
     ;;
 esac

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.errors import CovidScanError  # noqa: E402
 from model.network import ARCHITECTURES  # noqa: E402
-from model.transforms import INTENSITY_MODES, RECIPES  # noqa: E402
+from model.transforms import INTENSITY_MODES, RECIPES, RESIZE_MODES  # noqa: E402
 
 
 def get_args_parser():
@@ -27,6 +27,9 @@ def get_args_parser():
     parser.add_argument("--intensity", default=None, choices=INTENSITY_MODES,
                         help="override the recipe's per-image intensity normalisation (robust: equalize; "
                              "tutorial: none); stored in the checkpoint, so serving applies it too")
+    parser.add_argument("--resize", default=None, choices=RESIZE_MODES,
+                        help="override the recipe's resize (robust: letterbox, keeping the aspect ratio behind black "
+                             "bars; tutorial: squash to a square); stored in the checkpoint")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))
