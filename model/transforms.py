@@ -249,7 +249,10 @@ def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, 
     """Return the plain-dict description of the eval transform that is stored in checkpoints.
 
     ``intensity`` overrides the recipe's intensity normalisation (one of ``INTENSITY_MODES``), ``resize_mode``
-    its resize (one of ``RESIZE_MODES``: robust letterboxes, tutorial squashes).
+    its resize (one of ``RESIZE_MODES``). Both recipes squash to a square by default: letterboxing keeps the
+    aspect ratio but draws black bars on non-square films only, and on CXR-3 that marks the source (Cohen's films
+    are not square, the Radiography DB's all are). Measured in docs/audit.md ("Letterbox or squash"); the
+    shipped model 2026.11.27-4 was trained before that and letterboxes (``--resize letterbox``).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
@@ -260,7 +263,7 @@ def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, 
     robust = recipe == "robust"
     return {
         "image_size": image_size,
-        "resize_mode": resize_mode or ("letterbox" if robust else "squash"),
+        "resize_mode": resize_mode or "squash",
         "crop_size": image_size,
         "intensity": intensity or ("equalize" if robust else "none"),
         "channels": 3,

@@ -61,7 +61,7 @@ train)
         --image-size "${IMAGE_SIZE:-224}" --batch-size "${BATCH:-64}" --rounds "${BENCH_ROUNDS:-10}" \
         --output "$OUT/bench_training.json" 2>&1 | tee "$OUT/train.log"
     "$PY" scripts/train.py --data "${DATA:-data/cxr256}" --output-dir "$RUN" --device "${DEVICE:-cuda}" \
-        --arch "${ARCH:-resnet152}" --weights none --zero-init-residual --recipe robust \
+        --arch "${ARCH:-resnet152}" --weights none --zero-init-residual --recipe robust --resize "${RESIZE:-squash}" \
         --image-size "${IMAGE_SIZE:-224}" --epochs "${EPOCHS:-100}" --warmup-epochs "${WARMUP:-3}" \
         --batch-size "${BATCH:-64}" --lr "${LR:-1.5e-3}" --weight-decay 0.05 --workers "${WORKERS:-14}" \
         --model-ema --model-ema-half-life 2 --time-limit "${MINUTES:-9}" --fit-time-limit \

@@ -28,8 +28,8 @@ def get_args_parser():
                         help="override the recipe's per-image intensity normalisation (robust: equalize; "
                              "tutorial: none); stored in the checkpoint, so serving applies it too")
     parser.add_argument("--resize", default=None, choices=RESIZE_MODES,
-                        help="override the recipe's resize (robust: letterbox, keeping the aspect ratio behind black "
-                             "bars; tutorial: squash to a square); stored in the checkpoint")
+                        help="resize to a square by squashing (default) or by letterboxing (keeps the aspect ratio "
+                             "behind black bars; the shipped 2026.11.27-4 used it); stored in the checkpoint")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

@@ -297,6 +297,9 @@ def test_loso_rerun_reuses_finished_folds_and_refuses_another_configuration(loso
     with pytest.raises(DataError, match="another configuration"):
         audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "epochs": 2}),
                                    min_train_images=6, workers=0)
+    with pytest.raises(DataError, match="another configuration"):  # the resize is part of the configuration
+        audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "resize": "letterbox"}),
+                                   min_train_images=6, workers=0)
 
 
 def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):

@@ -295,9 +295,10 @@ def test_intensity_override_is_stored_in_the_eval_params():
 
 
 def test_resize_override_is_stored_and_squash_leaves_no_black_bars():
-    assert eval_transform_params(image_size=32, recipe="robust")["resize_mode"] == "letterbox"
-    params = eval_transform_params(image_size=32, recipe="robust", resize_mode="squash")
-    assert params["resize_mode"] == "squash" and params["intensity"] == "equalize"
+    assert eval_transform_params(image_size=32, recipe="robust")["resize_mode"] == "squash"
+    params = eval_transform_params(image_size=32, recipe="robust", resize_mode="letterbox")
+    assert params["resize_mode"] == "letterbox" and params["intensity"] == "equalize"
+    params = {**params, "resize_mode": "squash"}
     wide = Image.new("L", (96, 48), color=200)  # a bright 2:1 image: letterboxing adds black rows
     plain = {**params, "intensity": "none"}
     squashed = build_eval_transform(plain)(wide)
