@@ -797,6 +797,8 @@ def _loso_config(train_args, min_train_images):
         config.pop("intensity", None)  # the recipe's own; folds run before --intensity existed match
     if config.get("resize") is None:
         config.pop("resize", None)  # likewise for --resize
+    if getattr(train_args, "random_frame", 0.0):
+        config["random_frame"] = train_args.random_frame
     adversary = getattr(train_args, "source_adversary", 0.0)
     if adversary:
         config["source_adversary"] = adversary

@@ -128,7 +128,8 @@ def train(args):
     transform_params = eval_transform_params(image_size=args.image_size, recipe=args.recipe,
                                              intensity=getattr(args, "intensity", None),
                                              resize_mode=getattr(args, "resize", None))
-    train_set = make_image_folder(data_root / "train", build_train_transform(transform_params, recipe=args.recipe))
+    train_set = make_image_folder(data_root / "train", build_train_transform(
+        transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0)))
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )

@@ -245,6 +245,29 @@ class RandomAcquisition:
         return f"{type(self).__name__}(probability={self.probability})"
 
 
+class RandomFrame:
+    """Pad some sides of the film with a black (or, less often, white) frame of random width.
+
+    Films of one source carry frames that others lack (scanned figures, letterboxed exports), so a frame can
+    tell the source; adding random frames to every source's films in training takes that cue away. Each side
+    gets a frame with probability 0.7, 1-12 % of the film's size; the audit's fixed ``border_pad_7`` is one point
+    of this range, not its rule.
+    """
+
+    def __init__(self, probability=0.3):
+        self.probability = probability
+
+    def __call__(self, image):
+        if random.random() >= self.probability:
+            return image
+        sizes = (image.width, image.height, image.width, image.height)  # left, top, right, bottom
+        border = tuple(round(size * random.uniform(0.01, 0.12)) if random.random() < 0.7 else 0 for size in sizes)
+        return ImageOps.expand(image, border=border, fill=0 if random.random() < 0.8 else 255)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(probability={self.probability})"
+
+
 def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, resize_mode=None):
     """Return the plain-dict description of the eval transform that is stored in checkpoints.
 
@@ -292,8 +315,11 @@ def build_eval_transform(params):
     )
 
 
-def build_train_transform(params, *, recipe="tutorial"):
-    """Build the augmenting train transform matching ``params`` (the eval transform's description)."""
+def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0):
+    """Build the augmenting train transform matching ``params`` (the eval transform's description).
+
+    ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
+    """
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -309,6 +335,7 @@ def build_train_transform(params, *, recipe="tutorial"):
         return T.Compose(
             [
                 RandomAcquisition(probability=0.8),
+                RandomFrame(probability=frame_probability),
                 _resize(params),
                 T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25)),
                 T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),

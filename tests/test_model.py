@@ -308,3 +308,24 @@ def test_resize_override_is_stored_and_squash_leaves_no_black_bars():
     assert letterboxed[0, 0, 0] < letterboxed[0, 16, 16]  # the top row is a black bar
     with pytest.raises(ValueError, match="unknown resize mode"):
         eval_transform_params(recipe="robust", resize_mode="crop")
+
+
+def test_random_frame_pads_some_sides_and_is_off_by_default():
+    import random
+
+    from model.transforms import RandomFrame
+
+    image = Image.new("L", (100, 80), color=128)
+    assert RandomFrame(probability=0.0)(image) is image
+    random.seed(3)
+    framed = [RandomFrame(probability=1.0)(image) for _ in range(50)]
+    assert all(frame.width <= 100 + 2 * 12 and frame.height <= 80 + 2 * 10 for frame in framed)
+    grown = [frame for frame in framed if frame.size != image.size]
+    assert len(grown) >= 40  # each side gets a frame 70 % of the time
+    for frame in grown:
+        pixels = np.asarray(frame)
+        assert set(np.unique(pixels)) <= {0, 128, 255} and (pixels == 128).sum() == 100 * 80  # the film is intact
+    fills = {int(np.asarray(frame)[np.asarray(frame) != 128][0]) for frame in grown}
+    assert fills == {0, 255}  # black mostly, white sometimes
+    params = eval_transform_params(image_size=32, recipe="robust")
+    assert "RandomFrame(probability=0.3)" in repr(build_train_transform(params, recipe="robust", frame_probability=0.3))
