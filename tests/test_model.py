@@ -296,13 +296,12 @@ def test_intensity_override_is_stored_in_the_eval_params():
 
 def test_resize_override_is_stored_and_squash_leaves_no_black_bars():
     assert eval_transform_params(image_size=32, recipe="robust")["resize_mode"] == "squash"
-    params = eval_transform_params(image_size=32, recipe="robust", resize_mode="letterbox")
-    assert params["resize_mode"] == "letterbox" and params["intensity"] == "equalize"
-    params = {**params, "resize_mode": "squash"}
+    letterbox = eval_transform_params(image_size=32, recipe="robust", resize_mode="letterbox")
+    assert letterbox["resize_mode"] == "letterbox" and letterbox["intensity"] == "equalize"
+    plain = {**letterbox, "intensity": "none"}
     wide = Image.new("L", (96, 48), color=200)  # a bright 2:1 image: letterboxing adds black rows
-    plain = {**params, "intensity": "none"}
-    squashed = build_eval_transform(plain)(wide)
-    letterboxed = build_eval_transform({**plain, "resize_mode": "letterbox"})(wide)
+    squashed = build_eval_transform({**plain, "resize_mode": "squash"})(wide)
+    letterboxed = build_eval_transform(plain)(wide)
     assert squashed.shape == letterboxed.shape == (3, 32, 32)
     assert torch.allclose(squashed, squashed[:, :1, :1].expand_as(squashed))  # uniform: no bars
     assert letterboxed[0, 0, 0] < letterboxed[0, 16, 16]  # the top row is a black bar
