@@ -31,7 +31,7 @@
 #                                                    of CONFIGS, their LOSO (4 folds), then seeds 1 and 2. A train
 #                                                    step is audited on the full test split (no heatmaps). Small
 #                                                    results go to compare.tar after every step, so a timeout keeps
-#                                                    them. All 12 default steps took about 14 min on an H100.
+#                                                    them. 10 of the 12 default steps took 13 min on an H100.
 # Environment overrides (defaults in brackets) let the same script run a CPU smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
