@@ -48,7 +48,7 @@ def fit_mahalanobis(features, targets, *, components=DEFAULT_COMPONENTS, grid=1)
     classes = np.unique(targets)
     # More components than samples per class would make the tied covariance singular.
     components = max(1, min(components, right_vectors.shape[0], len(features) - len(classes) - 1))
-    # D x k, the largest part of the statistics (8192 x 128 for a ResNet-152 on the 2 x 2 grid), stored as float16;
+    # D x k, the largest part of the statistics (8192 x 256 for a ResNet-152 on the 2 x 2 grid), stored as float16;
     # the fit uses the rounded values, so the val threshold is computed with exactly what serving multiplies by.
     projection = right_vectors[:components].T.astype(np.float16).astype(np.float64)
     projected = centred @ projection
