@@ -32,6 +32,7 @@
 #                                                    step is audited on the full test split (no heatmaps). Small
 #                                                    results go to compare.tar after every step, so a timeout keeps
 #                                                    them. 10 of the 12 default steps took 13 min on an H100.
+#                                                    HOLDOUTS picks LOSO folds (default: the four CLASS:SOURCE).
 # Environment overrides (defaults in brackets) let the same script run a CPU smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,8 +96,13 @@ compare)
     # robust squashes since 2026-11-27; the comparison in docs/audit.md named robust_letterbox "robust" and
     # robust "robust_squash"
     declare -A options=([tutorial]="--recipe tutorial" [robust_letterbox]="--recipe robust --resize letterbox"
-                        [robust]="--recipe robust" [robust_no_equalize]="--recipe robust --intensity none")
+                        [robust]="--recipe robust" [robust_no_equalize]="--recipe robust --intensity none"
+                        [robust_equalize_foreground]="--recipe robust --intensity equalize_foreground"
+                        [robust_autocontrast]="--recipe robust --intensity autocontrast")
     configs=${CONFIGS:-tutorial robust_letterbox robust}
+    holdouts=() && for fold in ${HOLDOUTS:-NORMAL:kermany NORMAL:c19rad COVID:cohen COVID:c19rad}; do
+        holdouts+=(--holdout "$fold")
+    done
     steps=${STEPS:-$(for c in $configs; do echo "train:0:$c"; done; for c in $configs; do echo "loso:0:$c"; done
                      for s in 1 2; do for c in $configs; do echo "train:$s:$c"; done; done)}
     for step in $steps; do  # kind:seed:config, most wanted first
@@ -115,8 +121,7 @@ compare)
             rm -f "$results/$name"/audit/*.png
         else
             "$PY" scripts/loso.py --data data/cxr160 --output-dir "runs/loso/$name" ${options[$config]} \
-                "${budget[@]}" --seed "$seed" --holdout NORMAL:kermany --holdout NORMAL:c19rad \
-                --holdout COVID:cohen --holdout COVID:c19rad > "$results/loso-$name.log" 2>&1
+                "${budget[@]}" --seed "$seed" "${holdouts[@]}" > "$results/loso-$name.log" 2>&1
             cp "runs/loso/$name/loso.json" "$results/loso-$name.json"
         fi
         echo "$step: $(( $(date +%s) - start )) s" | tee -a "$OUT/compare.log"
