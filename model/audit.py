@@ -936,13 +936,20 @@ def _evaluate_holdout(checkpoint_path, entries, class_name, source, *, batch_siz
             "reference_sources": sorted(set(np.asarray(split.sources)[~held_out].tolist()))}
 
 
+# Configuration keys that appear only when set away from the recipe's default (see _loso_config)
+_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "source_adversary")
+
+
 def format_loso_markdown(loso, *, heading=True):
     """Markdown table of a LOSO result (held-out sensitivity next to the kept sources' sensitivity)."""
     config = loso["config"]
+    options = "".join(f", {key.replace('_', ' ')} {config[key]}" for key in _LOSO_OPTIONS if config.get(key))
+    if config.get("sampler", "shuffle") != "shuffle":
+        options += f", sampler {config['sampler']}"
     lines = ["# Leave-one-source-out", ""] if heading else []
     lines += [
         f"Configuration: {config.get('arch')}, {config.get('image_size')} px, {config.get('epochs')} epochs, "
-        f"recipe {config.get('recipe')}, weights {config.get('weights')}, seed {config.get('seed')}; "
+        f"recipe {config.get('recipe')}{options}, weights {config.get('weights')}, seed {config.get('seed')}; "
         f"wall time {loso['wall_seconds'] / 60:.1f} min. Each fold trains without one source's images of one "
         "class (train and val) and is tested on that source's images of the class in the original test split. "
         "A held-out sensitivity far below the kept sources' means the class was learned through its source.",

@@ -302,6 +302,17 @@ def test_loso_rerun_reuses_finished_folds_and_refuses_another_configuration(loso
                                    min_train_images=6, workers=0)
 
 
+def test_loso_report_names_the_options_that_tell_configurations_apart():
+    config = {"arch": "resnet18", "image_size": 96, "epochs": 8, "recipe": "robust", "weights": "none", "seed": 1,
+              "sampler": "shuffle"}
+    plain = audit.format_loso_markdown({"config": config, "wall_seconds": 60, "folds": []})
+    assert "recipe robust, weights none, seed 1;" in plain
+    changed = audit.format_loso_markdown({"config": {**config, "intensity": "equalize_foreground", "resize": "letterbox",
+                                                     "sampler": "source"}, "wall_seconds": 60, "folds": []})
+    assert ("recipe robust, intensity equalize_foreground, resize letterbox, sampler source, weights none, seed 1;"
+            in changed)
+
+
 def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):
     _, _, result = loso_run
     first, second = ({**result, "folds": [fold]} for fold in result["folds"])
