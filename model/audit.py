@@ -799,6 +799,8 @@ def _loso_config(train_args, min_train_images):
         config.pop("resize", None)  # likewise for --resize
     if getattr(train_args, "random_frame", 0.0):
         config["random_frame"] = train_args.random_frame
+    if getattr(train_args, "hflip", 0.0):
+        config["hflip"] = train_args.hflip
     adversary = getattr(train_args, "source_adversary", 0.0)
     if adversary:
         config["source_adversary"] = adversary
@@ -937,7 +939,7 @@ def _evaluate_holdout(checkpoint_path, entries, class_name, source, *, batch_siz
 
 
 # Configuration keys that appear only when set away from the recipe's default (see _loso_config)
-_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "source_adversary")
+_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "hflip", "source_adversary")
 
 
 def format_loso_markdown(loso, *, heading=True):

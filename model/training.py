@@ -129,7 +129,8 @@ def train(args):
                                              intensity=getattr(args, "intensity", None),
                                              resize_mode=getattr(args, "resize", None))
     train_set = make_image_folder(data_root / "train", build_train_transform(
-        transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0)))
+        transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0),
+        flip_probability=getattr(args, "hflip", 0.0)))
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )

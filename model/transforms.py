@@ -315,10 +315,12 @@ def build_eval_transform(params):
     )
 
 
-def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0):
+def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0):
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
+    ``flip_probability``: share of robust-recipe films mirrored left to right (off by default: the heart's side and
+    the burned-in laterality marker are real, but mirroring doubles the look of a small source's films).
     """
     size = params["crop_size"]
     tail = [
@@ -339,8 +341,9 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0):
                 _resize(params),
                 T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25)),
                 T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
-                IntensityNormalize(params["intensity"]),
             ]
+            + ([T.RandomHorizontalFlip(flip_probability)] if flip_probability else [])  # off: no random draw
+            + [IntensityNormalize(params["intensity"])]
             + tail
             + [T.RandomErasing(p=0.3, scale=(0.01, 0.06), value=0)]
         )

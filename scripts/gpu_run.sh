@@ -98,7 +98,8 @@ compare)
     declare -A options=([tutorial]="--recipe tutorial" [robust_letterbox]="--recipe robust --resize letterbox"
                         [robust]="--recipe robust" [robust_no_equalize]="--recipe robust --intensity none"
                         [robust_equalize_foreground]="--recipe robust --intensity equalize_foreground"
-                        [robust_autocontrast]="--recipe robust --intensity autocontrast")
+                        [robust_autocontrast]="--recipe robust --intensity autocontrast"
+                        [robust_hflip]="--recipe robust --hflip 0.5")
     configs=${CONFIGS:-tutorial robust_letterbox robust}
     holdouts=() && for fold in ${HOLDOUTS:-NORMAL:kermany NORMAL:c19rad COVID:cohen COVID:c19rad}; do
         holdouts+=(--holdout "$fold")

@@ -33,6 +33,9 @@ def get_args_parser():
     parser.add_argument("--random-frame", type=float, default=0.0, metavar="P",
                         help="robust recipe: give this share of training films a random black or white frame on "
                              "some sides, so that a frame stops telling the source (0: off)")
+    parser.add_argument("--hflip", type=float, default=0.0, metavar="P",
+                        help="robust recipe: mirror this share of training films left to right (0: off; the "
+                             "tutorial recipe always flips half)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

@@ -328,3 +328,23 @@ def test_random_frame_pads_some_sides_and_is_off_by_default():
     assert fills == {0, 255}  # black mostly, white sometimes
     params = eval_transform_params(image_size=32, recipe="robust")
     assert "RandomFrame(probability=0.3)" in repr(build_train_transform(params, recipe="robust", frame_probability=0.3))
+
+
+def test_robust_recipe_mirrors_only_when_asked():
+    import random
+
+    import torch
+
+    params = eval_transform_params(image_size=32, recipe="robust")
+    image = Image.fromarray(np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1)), mode="L")  # dark left
+
+    def left_darker_share(flip_probability):
+        transform = build_train_transform(params, recipe="robust", flip_probability=flip_probability)
+        random.seed(0)
+        torch.manual_seed(0)
+        outputs = [transform(image)[0] for _ in range(40)]
+        return np.mean([float(out[:, :8].mean() < out[:, -8:].mean()) for out in outputs])
+
+    assert left_darker_share(0.0) == 1.0
+    assert 0.2 < left_darker_share(0.5) < 0.8
+    assert left_darker_share(1.0) == 0.0
