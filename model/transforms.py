@@ -319,8 +319,8 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
-    ``flip_probability``: share of robust-recipe films mirrored left to right (off by default: the heart's side and
-    the burned-in laterality marker are real, but mirroring doubles the look of a small source's films).
+    ``flip_probability``: share of robust-recipe films mirrored left to right. Off by default: a mirrored film puts
+    the heart and the laterality marker on the wrong side, and flips showed no LOSO gain (docs/audit.md).
     """
     size = params["crop_size"]
     tail = [
