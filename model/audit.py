@@ -789,21 +789,16 @@ def build_holdout_folder(entries, class_name, source, folder):
     return {split: dict(sorted(counter.items())) for split, counter in counts.items()}
 
 
+# Options recorded only when set away from the recipe's default, so that folds run before an option existed still
+# match a rerun that leaves it off; the LOSO report names them
+_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "hflip", "source_adversary")
+
+
 def _loso_config(train_args, min_train_images):
-    keys = ("arch", "weights", "recipe", "intensity", "resize", "image_size", "epochs", "batch_size", "lr", "opt",
-            "weight_decay", "class_weighting", "sampler", "seed")
+    keys = ("arch", "weights", "recipe", "image_size", "epochs", "batch_size", "lr", "opt", "weight_decay",
+            "class_weighting", "sampler", "seed")
     config = {key: getattr(train_args, key) for key in keys if hasattr(train_args, key)}
-    if config.get("intensity") is None:
-        config.pop("intensity", None)  # the recipe's own; folds run before --intensity existed match
-    if config.get("resize") is None:
-        config.pop("resize", None)  # likewise for --resize
-    if getattr(train_args, "random_frame", 0.0):
-        config["random_frame"] = train_args.random_frame
-    if getattr(train_args, "hflip", 0.0):
-        config["hflip"] = train_args.hflip
-    adversary = getattr(train_args, "source_adversary", 0.0)
-    if adversary:
-        config["source_adversary"] = adversary
+    config.update({key: getattr(train_args, key) for key in _LOSO_OPTIONS if getattr(train_args, key, None)})
     config["min_train_images"] = min_train_images
     return config
 
@@ -936,10 +931,6 @@ def _evaluate_holdout(checkpoint_path, entries, class_name, source, *, batch_siz
 
     return {"heldout": summary(held_out), "reference": summary(~held_out),
             "reference_sources": sorted(set(np.asarray(split.sources)[~held_out].tolist()))}
-
-
-# Configuration keys that appear only when set away from the recipe's default (see _loso_config)
-_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "hflip", "source_adversary")
 
 
 def format_loso_markdown(loso, *, heading=True):
