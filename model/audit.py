@@ -791,7 +791,7 @@ def build_holdout_folder(entries, class_name, source, folder):
 
 # Options recorded only when set away from the recipe's default, so that folds run before an option existed still
 # match a rerun that leaves it off; the LOSO report names them
-_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "hflip", "source_adversary")
+_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "hflip", "robust_without", "source_adversary")
 
 
 def _loso_config(train_args, min_train_images):
@@ -933,10 +933,15 @@ def _evaluate_holdout(checkpoint_path, entries, class_name, source, *, batch_siz
             "reference_sources": sorted(set(np.asarray(split.sources)[~held_out].tolist()))}
 
 
+def _option_text(value):
+    return " + ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def format_loso_markdown(loso, *, heading=True):
     """Markdown table of a LOSO result (held-out sensitivity next to the kept sources' sensitivity)."""
     config = loso["config"]
-    options = "".join(f", {key.replace('_', ' ')} {config[key]}" for key in _LOSO_OPTIONS if config.get(key))
+    options = "".join(f", {key.replace('_', ' ')} {_option_text(config[key])}" for key in _LOSO_OPTIONS
+                      if config.get(key))
     if config.get("sampler", "shuffle") != "shuffle":
         options += f", sampler {config['sampler']}"
     lines = ["# Leave-one-source-out", ""] if heading else []

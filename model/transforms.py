@@ -25,6 +25,8 @@ MAX_PIXELS = 50_000_000
 MIN_SIDE = 32
 MAX_ASPECT_RATIO = 8.0
 RECIPES = ("tutorial", "robust")
+# The robust recipe's random augmentations that an ablation may switch off (`scripts/train.py --robust-without`)
+ROBUST_AUGMENTATIONS = ("acquisition", "crop", "affine", "erasing")
 INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
 # CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
 CLAHE_CLIP_LIMIT = 2.0
@@ -315,13 +317,20 @@ def build_eval_transform(params):
     )
 
 
-def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0):
+def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=()):
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
     ``flip_probability``: share of robust-recipe films mirrored left to right. Off by default: a mirrored film puts
     the heart and the laterality marker on the wrong side, and flips showed no LOSO gain (docs/audit.md).
+    ``without``: names from ``ROBUST_AUGMENTATIONS`` left out of the robust recipe, for single-augmentation
+    ablations (without "crop" the film is resized to the model size whole, as at evaluation).
     """
+    unknown = sorted(set(without) - set(ROBUST_AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {ROBUST_AUGMENTATIONS}")
+    if without and recipe != "robust":
+        raise ValueError("leaving augmentations out applies to the robust recipe only")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -334,17 +343,17 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             + tail
         )
     if recipe == "robust":
+        def keep(name, step):
+            return [] if name in without else [step]
+
         return T.Compose(
-            [
-                RandomAcquisition(probability=0.8),
-                RandomFrame(probability=frame_probability),
-                _resize(params),
-                T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25)),
-                T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
-            ]
+            keep("acquisition", RandomAcquisition(probability=0.8))
+            + [RandomFrame(probability=frame_probability), _resize(params)]
+            + (keep("crop", T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25))) or [T.CenterCrop(size)])
+            + keep("affine", T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)))
             + ([T.RandomHorizontalFlip(flip_probability)] if flip_probability else [])  # off: no random draw
             + [IntensityNormalize(params["intensity"])]
             + tail
-            + [T.RandomErasing(p=0.3, scale=(0.01, 0.06), value=0)]
+            + keep("erasing", T.RandomErasing(p=0.3, scale=(0.01, 0.06), value=0))
         )
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")

@@ -100,6 +100,9 @@ compare)
                         [robust_equalize_foreground]="--recipe robust --intensity equalize_foreground"
                         [robust_autocontrast]="--recipe robust --intensity autocontrast"
                         [robust_hflip]="--recipe robust --hflip 0.5")
+    for augmentation in acquisition crop affine erasing; do  # single-augmentation ablations
+        options[robust_no_$augmentation]="--recipe robust --robust-without $augmentation"
+    done
     configs=${CONFIGS:-tutorial robust_letterbox robust}
     holdouts=() && for fold in ${HOLDOUTS:-NORMAL:kermany NORMAL:c19rad COVID:cohen COVID:c19rad}; do
         holdouts+=(--holdout "$fold")

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.errors import CovidScanError  # noqa: E402
 from model.network import ARCHITECTURES  # noqa: E402
-from model.transforms import INTENSITY_MODES, RECIPES, RESIZE_MODES  # noqa: E402
+from model.transforms import INTENSITY_MODES, RECIPES, RESIZE_MODES, ROBUST_AUGMENTATIONS  # noqa: E402
 
 
 def get_args_parser():
@@ -36,6 +36,9 @@ def get_args_parser():
     parser.add_argument("--hflip", type=float, default=0.0, metavar="P",
                         help="robust recipe: mirror this share of training films left to right (0: off; the "
                              "tutorial recipe always flips half)")
+    parser.add_argument("--robust-without", action="append", choices=ROBUST_AUGMENTATIONS, metavar="NAME",
+                        help="robust recipe: leave out one of its augmentations (repeatable; one of "
+                             f"{', '.join(ROBUST_AUGMENTATIONS)}), for single-augmentation ablations")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

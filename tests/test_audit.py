@@ -311,6 +311,9 @@ def test_loso_report_names_the_options_that_tell_configurations_apart():
                                                      "sampler": "source"}, "wall_seconds": 60, "folds": []})
     assert ("recipe robust, intensity equalize_foreground, resize letterbox, sampler source, weights none, seed 1;"
             in changed)
+    ablated = audit.format_loso_markdown({"config": {**config, "robust_without": ["crop", "erasing"]},
+                                          "wall_seconds": 60, "folds": []})
+    assert "recipe robust, robust without crop + erasing, weights none, seed 1;" in ablated
 
 
 def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):

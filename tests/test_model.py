@@ -348,3 +348,23 @@ def test_robust_recipe_mirrors_only_when_asked():
     assert left_darker_share(0.0) == 1.0
     assert 0.2 < left_darker_share(0.5) < 0.8
     assert left_darker_share(1.0) == 0.0
+
+
+def test_robust_recipe_leaves_out_only_the_named_augmentations():
+    params = eval_transform_params(image_size=32, recipe="robust")
+    steps = {"acquisition": "RandomAcquisition", "crop": "RandomResizedCrop", "affine": "RandomAffine",
+             "erasing": "RandomErasing"}
+    full = repr(build_train_transform(params, recipe="robust"))
+    assert all(name in full for name in steps.values()) and "CenterCrop" not in full
+    for left_out, name in steps.items():
+        ablated = repr(build_train_transform(params, recipe="robust", without=(left_out,)))
+        assert name not in ablated
+        assert all(other in ablated for other in steps.values() if other != name)
+        assert ("CenterCrop" in ablated) == (left_out == "crop")  # the film is still brought to the model size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56), dtype=np.uint8), mode="L")
+    out = build_train_transform(params, recipe="robust", without=tuple(steps))(image)
+    assert tuple(out.shape) == (params["channels"], 32, 32)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        build_train_transform(params, recipe="robust", without=("mixup",))
+    with pytest.raises(ValueError, match="robust recipe only"):
+        build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", without=("crop",))

@@ -293,6 +293,7 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("missing_class", "expected ['COVID', 'NORMAL', 'PNEUMONIA']"),
         ("bad_weights", "no such file"),
         ("bad_resume", "not a readable CovidScan checkpoint"),
+        ("ablation_of_tutorial", "--robust-without leaves augmentations out of --recipe robust only"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -310,6 +311,8 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
     elif case == "bad_resume":
         (tmp_path / "last.pt").write_text("garbage")
         extra = ["--resume", tmp_path / "last.pt"]
+    elif case == "ablation_of_tutorial":
+        extra = ["--recipe", "tutorial", "--robust-without", "crop"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
