@@ -27,7 +27,7 @@ from model.data import load_image, make_image_folder, read_manifest_sources
 from model.engine import predict_logits
 from model.errors import DataError
 from model.metrics import _pyplot, compute_metrics, softmax
-from model.transforms import build_eval_transform
+from model.transforms import ACQUISITION_PROBABILITY, build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -789,16 +789,22 @@ def build_holdout_folder(entries, class_name, source, folder):
     return {split: dict(sorted(counter.items())) for split, counter in counts.items()}
 
 
-# Options recorded only when set away from the recipe's default, so that folds run before an option existed still
-# match a rerun that leaves it off; the LOSO report names them
-_LOSO_OPTIONS = ("intensity", "resize", "random_frame", "hflip", "robust_without", "source_adversary")
+# Options recorded only when set away from their default (the value here), so that folds run before an option
+# existed still match a rerun that leaves it off; the LOSO report names them
+_LOSO_OPTIONS = {"intensity": None, "resize": None, "random_frame": 0.0, "hflip": 0.0, "robust_without": None,
+                 "source_adversary": 0.0, "acquisition_probability": ACQUISITION_PROBABILITY}
+
+
+def _option_set(key, value):
+    return value not in (None, [], ()) and value != _LOSO_OPTIONS[key]
 
 
 def _loso_config(train_args, min_train_images):
     keys = ("arch", "weights", "recipe", "image_size", "epochs", "batch_size", "lr", "opt", "weight_decay",
             "class_weighting", "sampler", "seed")
     config = {key: getattr(train_args, key) for key in keys if hasattr(train_args, key)}
-    config.update({key: getattr(train_args, key) for key in _LOSO_OPTIONS if getattr(train_args, key, None)})
+    config.update({key: getattr(train_args, key) for key in _LOSO_OPTIONS
+                   if _option_set(key, getattr(train_args, key, None))})
     config["min_train_images"] = min_train_images
     return config
 
@@ -941,7 +947,7 @@ def format_loso_markdown(loso, *, heading=True):
     """Markdown table of a LOSO result (held-out sensitivity next to the kept sources' sensitivity)."""
     config = loso["config"]
     options = "".join(f", {key.replace('_', ' ')} {_option_text(config[key])}" for key in _LOSO_OPTIONS
-                      if config.get(key))
+                      if _option_set(key, config.get(key)))
     if config.get("sampler", "shuffle") != "shuffle":
         options += f", sampler {config['sampler']}"
     lines = ["# Leave-one-source-out", ""] if heading else []

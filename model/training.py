@@ -27,7 +27,12 @@ from model.engine import predict_logits, train_one_epoch
 from model.errors import CheckpointError, CovidScanError, DataError
 from model.metrics import compute_metrics, softmax
 from model.network import build_model
-from model.transforms import build_eval_transform, build_train_transform, eval_transform_params
+from model.transforms import (
+    ACQUISITION_PROBABILITY,
+    build_eval_transform,
+    build_train_transform,
+    eval_transform_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +120,9 @@ def train(args):
     """Run a full training job described by the parsed ``scripts/train.py`` arguments."""
     if getattr(args, "robust_without", None) and args.recipe != "robust":
         raise CovidScanError("--robust-without leaves augmentations out of --recipe robust only")
+    acquisition_probability = getattr(args, "acquisition_probability", ACQUISITION_PROBABILITY)
+    if acquisition_probability != ACQUISITION_PROBABILITY and args.recipe != "robust":
+        raise CovidScanError("--acquisition-probability applies to --recipe robust only")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)
     if device.type == "cuda" and world_size > 1:
@@ -132,7 +140,8 @@ def train(args):
                                              resize_mode=getattr(args, "resize", None))
     train_set = make_image_folder(data_root / "train", build_train_transform(
         transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0),
-        flip_probability=getattr(args, "hflip", 0.0), without=getattr(args, "robust_without", None) or ()))
+        flip_probability=getattr(args, "hflip", 0.0), without=getattr(args, "robust_without", None) or (),
+        acquisition_probability=acquisition_probability))
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )

@@ -27,6 +27,9 @@ MAX_ASPECT_RATIO = 8.0
 RECIPES = ("tutorial", "robust")
 # The robust recipe's random augmentations that an ablation may switch off (`scripts/train.py --robust-without`)
 ROBUST_AUGMENTATIONS = ("acquisition", "crop", "affine", "erasing")
+# Share of robust-recipe training films that get 1-3 random acquisition changes (`scripts/train.py
+# --acquisition-probability`)
+ACQUISITION_PROBABILITY = 0.8
 INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
 # CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
 CLAHE_CLIP_LIMIT = 2.0
@@ -317,7 +320,8 @@ def build_eval_transform(params):
     )
 
 
-def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=()):
+def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=(),
+                          acquisition_probability=ACQUISITION_PROBABILITY):
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
@@ -325,12 +329,18 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     the heart and the laterality marker on the wrong side, and flips showed no LOSO gain (docs/audit.md).
     ``without``: names from ``ROBUST_AUGMENTATIONS`` left out of the robust recipe, for single-augmentation
     ablations (without "crop" the film is resized to the model size whole, as at evaluation).
+    ``acquisition_probability``: share of robust-recipe films that get random acquisition changes
+    (``RandomAcquisition``); lower is milder.
     """
     unknown = sorted(set(without) - set(ROBUST_AUGMENTATIONS))
     if unknown:
         raise ValueError(f"unknown augmentation(s) {unknown}; choose from {ROBUST_AUGMENTATIONS}")
     if without and recipe != "robust":
         raise ValueError("leaving augmentations out applies to the robust recipe only")
+    if not 0.0 <= acquisition_probability <= 1.0:
+        raise ValueError(f"acquisition probability must lie in [0, 1], not {acquisition_probability}")
+    if acquisition_probability != ACQUISITION_PROBABILITY and recipe != "robust":
+        raise ValueError("the acquisition probability applies to the robust recipe only")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -347,7 +357,7 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             return [] if name in without else [step]
 
         return T.Compose(
-            keep("acquisition", RandomAcquisition(probability=0.8))
+            keep("acquisition", RandomAcquisition(probability=acquisition_probability))
             + [RandomFrame(probability=frame_probability), _resize(params)]
             + (keep("crop", T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25))) or [T.CenterCrop(size)])
             + keep("affine", T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)))

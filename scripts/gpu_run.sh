@@ -103,6 +103,9 @@ compare)
     for augmentation in acquisition crop affine erasing; do  # single-augmentation ablations
         options[robust_no_$augmentation]="--recipe robust --robust-without $augmentation"
     done
+    for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
+        options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
+    done
     configs=${CONFIGS:-tutorial robust_letterbox robust}
     holdouts=() && for fold in ${HOLDOUTS:-NORMAL:kermany NORMAL:c19rad COVID:cohen COVID:c19rad}; do
         holdouts+=(--holdout "$fold")

@@ -9,7 +9,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.errors import CovidScanError  # noqa: E402
 from model.network import ARCHITECTURES  # noqa: E402
-from model.transforms import INTENSITY_MODES, RECIPES, RESIZE_MODES, ROBUST_AUGMENTATIONS  # noqa: E402
+from model.transforms import (  # noqa: E402
+    ACQUISITION_PROBABILITY,
+    INTENSITY_MODES,
+    RECIPES,
+    RESIZE_MODES,
+    ROBUST_AUGMENTATIONS,
+)
+
+
+def probability(text):
+    """argparse type: a share in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
 
 
 def get_args_parser():
@@ -30,15 +47,19 @@ def get_args_parser():
     parser.add_argument("--resize", default=None, choices=RESIZE_MODES,
                         help="resize to a square by squashing (default) or by letterboxing (keeps the aspect ratio "
                              "behind black bars; the shipped 2026.11.27-4 used it); stored in the checkpoint")
-    parser.add_argument("--random-frame", type=float, default=0.0, metavar="P",
+    parser.add_argument("--random-frame", type=probability, default=0.0, metavar="P",
                         help="robust recipe: give this share of training films a random black or white frame on "
                              "some sides, so that a frame stops telling the source (0: off)")
-    parser.add_argument("--hflip", type=float, default=0.0, metavar="P",
+    parser.add_argument("--hflip", type=probability, default=0.0, metavar="P",
                         help="robust recipe: mirror this share of training films left to right (0: off; the "
                              "tutorial recipe always flips half)")
     parser.add_argument("--robust-without", action="append", choices=ROBUST_AUGMENTATIONS, metavar="NAME",
                         help="robust recipe: leave out one of its augmentations (repeatable; one of "
                              f"{', '.join(ROBUST_AUGMENTATIONS)}), for single-augmentation ablations")
+    parser.add_argument("--acquisition-probability", type=probability, default=ACQUISITION_PROBABILITY, metavar="P",
+                        help="robust recipe: share of training films that get 1-3 random acquisition changes "
+                             "(gamma, contrast, blur, sharpening, noise, JPEG, resolution); lower is milder "
+                             "(default %(default)s)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

@@ -314,6 +314,19 @@ def test_loso_report_names_the_options_that_tell_configurations_apart():
     ablated = audit.format_loso_markdown({"config": {**config, "robust_without": ["crop", "erasing"]},
                                           "wall_seconds": 60, "folds": []})
     assert "recipe robust, robust without crop + erasing, weights none, seed 1;" in ablated
+    milder = audit.format_loso_markdown({"config": {**config, "acquisition_probability": 0.0},
+                                         "wall_seconds": 60, "folds": []})
+    assert "recipe robust, acquisition probability 0.0, weights none, seed 1;" in milder
+
+
+def test_loso_config_records_options_only_away_from_their_defaults():
+    base = {"arch": "resnet18", "recipe": "robust", "seed": 0, "intensity": None, "hflip": 0.0, "robust_without": None}
+    plain = audit._loso_config(argparse.Namespace(**base, acquisition_probability=0.8), 6)
+    assert "acquisition_probability" not in plain and "hflip" not in plain and "robust_without" not in plain
+    assert plain == audit._loso_config(argparse.Namespace(**base), 6)  # folds run before the option existed match
+    for probability in (0.0, 0.4):  # 0 is a setting of its own, not "unset"
+        config = audit._loso_config(argparse.Namespace(**base, acquisition_probability=probability), 6)
+        assert config["acquisition_probability"] == probability
 
 
 def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):

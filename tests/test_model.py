@@ -19,7 +19,13 @@ from model.checkpoint import (
 from model.errors import CheckpointError, InvalidImageError, UnsupportedImageError, WeightsError
 from model.inference import Predictor
 from model.network import build_model
-from model.transforms import build_eval_transform, build_train_transform, decode_image, eval_transform_params
+from model.transforms import (
+    RandomAcquisition,
+    build_eval_transform,
+    build_train_transform,
+    decode_image,
+    eval_transform_params,
+)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
@@ -368,3 +374,27 @@ def test_robust_recipe_leaves_out_only_the_named_augmentations():
         build_train_transform(params, recipe="robust", without=("mixup",))
     with pytest.raises(ValueError, match="robust recipe only"):
         build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", without=("crop",))
+
+
+def test_acquisition_probability_sets_the_share_of_changed_films():
+    params = eval_transform_params(image_size=32, recipe="robust")
+    assert "RandomAcquisition(probability=0.8)" in repr(build_train_transform(params, recipe="robust"))
+    milder = build_train_transform(params, recipe="robust", acquisition_probability=0.3)
+    acquisition = milder.transforms[0]
+    assert repr(acquisition) == "RandomAcquisition(probability=0.3)"
+    import random
+
+    image = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1)), mode="L")
+
+    def changed_share(probability):  # a film left alone comes back as the same object
+        step = RandomAcquisition(probability=probability)
+        random.seed(0)
+        return np.mean([step(image) is not image for _ in range(400)])
+
+    assert changed_share(0.0) == 0.0
+    assert 0.25 < changed_share(0.3) < 0.35
+    assert changed_share(1.0) == 1.0
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        build_train_transform(params, recipe="robust", acquisition_probability=1.5)
+    with pytest.raises(ValueError, match="robust recipe only"):
+        build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", acquisition_probability=0.3)

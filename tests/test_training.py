@@ -294,6 +294,8 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("bad_weights", "no such file"),
         ("bad_resume", "not a readable CovidScan checkpoint"),
         ("ablation_of_tutorial", "--robust-without leaves augmentations out of --recipe robust only"),
+        ("acquisition_of_tutorial", "--acquisition-probability applies to --recipe robust only"),
+        ("acquisition_out_of_range", "argument --acquisition-probability: 1.5 is not a share between 0 and 1"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -313,6 +315,10 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
         extra = ["--resume", tmp_path / "last.pt"]
     elif case == "ablation_of_tutorial":
         extra = ["--recipe", "tutorial", "--robust-without", "crop"]
+    elif case == "acquisition_of_tutorial":
+        extra = ["--recipe", "tutorial", "--acquisition-probability", "0.4"]
+    elif case == "acquisition_out_of_range":
+        extra = ["--acquisition-probability", "1.5"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
