@@ -99,7 +99,8 @@ compare)
                         [robust]="--recipe robust" [robust_no_equalize]="--recipe robust --intensity none"
                         [robust_equalize_foreground]="--recipe robust --intensity equalize_foreground"
                         [robust_autocontrast]="--recipe robust --intensity autocontrast"
-                        [robust_hflip]="--recipe robust --hflip 0.5")
+                        [robust_hflip]="--recipe robust --hflip 0.5"
+                        [tutorial_equalize]="--recipe tutorial --intensity equalize")
     for augmentation in acquisition crop affine erasing; do  # single-augmentation ablations
         options[robust_no_$augmentation]="--recipe robust --robust-without $augmentation"
     done
