@@ -29,6 +29,7 @@ from model.metrics import compute_metrics, softmax
 from model.network import build_model
 from model.transforms import (
     ACQUISITION_PROBABILITY,
+    AFFINE_DEGREES,
     build_eval_transform,
     build_train_transform,
     eval_transform_params,
@@ -123,6 +124,9 @@ def train(args):
     acquisition_probability = getattr(args, "acquisition_probability", ACQUISITION_PROBABILITY)
     if acquisition_probability != ACQUISITION_PROBABILITY and args.recipe != "robust":
         raise CovidScanError("--acquisition-probability applies to --recipe robust only")
+    affine_degrees = getattr(args, "affine_degrees", AFFINE_DEGREES)
+    if affine_degrees != AFFINE_DEGREES and args.recipe != "robust":
+        raise CovidScanError("--affine-degrees applies to --recipe robust only")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)
     if device.type == "cuda" and world_size > 1:
@@ -141,7 +145,7 @@ def train(args):
     train_set = make_image_folder(data_root / "train", build_train_transform(
         transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0),
         flip_probability=getattr(args, "hflip", 0.0), without=getattr(args, "robust_without", None) or (),
-        acquisition_probability=acquisition_probability))
+        acquisition_probability=acquisition_probability, affine_degrees=affine_degrees))
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )

@@ -30,6 +30,8 @@ ROBUST_AUGMENTATIONS = ("acquisition", "crop", "affine", "erasing")
 # Share of robust-recipe training films that get 1-3 random acquisition changes (`scripts/train.py
 # --acquisition-probability`)
 ACQUISITION_PROBABILITY = 0.8
+# Largest rotation, in degrees either way, of the robust recipe's random affine moves (`--affine-degrees`)
+AFFINE_DEGREES = 10.0
 INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
 # CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
 CLAHE_CLIP_LIMIT = 2.0
@@ -321,7 +323,7 @@ def build_eval_transform(params):
 
 
 def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=(),
-                          acquisition_probability=ACQUISITION_PROBABILITY):
+                          acquisition_probability=ACQUISITION_PROBABILITY, affine_degrees=AFFINE_DEGREES):
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
@@ -331,6 +333,7 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     ablations (without "crop" the film is resized to the model size whole, as at evaluation).
     ``acquisition_probability``: share of robust-recipe films that get random acquisition changes
     (``RandomAcquisition``); lower is milder.
+    ``affine_degrees``: largest rotation of the robust recipe's random affine moves, either way.
     """
     unknown = sorted(set(without) - set(ROBUST_AUGMENTATIONS))
     if unknown:
@@ -341,6 +344,10 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
         raise ValueError(f"acquisition probability must lie in [0, 1], not {acquisition_probability}")
     if acquisition_probability != ACQUISITION_PROBABILITY and recipe != "robust":
         raise ValueError("the acquisition probability applies to the robust recipe only")
+    if not 0.0 <= affine_degrees <= 180.0:
+        raise ValueError(f"affine degrees must lie in [0, 180], not {affine_degrees}")
+    if affine_degrees != AFFINE_DEGREES and recipe != "robust":
+        raise ValueError("the affine degrees apply to the robust recipe only")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -360,7 +367,7 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             keep("acquisition", RandomAcquisition(probability=acquisition_probability))
             + [RandomFrame(probability=frame_probability), _resize(params)]
             + (keep("crop", T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25))) or [T.CenterCrop(size)])
-            + keep("affine", T.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)))
+            + keep("affine", T.RandomAffine(degrees=affine_degrees, translate=(0.06, 0.06), scale=(0.9, 1.1)))
             + ([T.RandomHorizontalFlip(flip_probability)] if flip_probability else [])  # off: no random draw
             + [IntensityNormalize(params["intensity"])]
             + tail

@@ -11,6 +11,7 @@ from model.errors import CovidScanError  # noqa: E402
 from model.network import ARCHITECTURES  # noqa: E402
 from model.transforms import (  # noqa: E402
     ACQUISITION_PROBABILITY,
+    AFFINE_DEGREES,
     INTENSITY_MODES,
     RECIPES,
     RESIZE_MODES,
@@ -18,15 +19,22 @@ from model.transforms import (  # noqa: E402
 )
 
 
-def probability(text):
-    """argparse type: a share in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
-    return value
+def bounded(low, high, kind):
+    """argparse type: a number in [low, high]; ``kind`` names it in the error."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not {kind} between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+probability = bounded(0, 1, "a share")
+degrees = bounded(0, 180, "an angle")
 
 
 def get_args_parser():
@@ -60,6 +68,9 @@ def get_args_parser():
                         help="robust recipe: share of training films that get 1-3 random acquisition changes "
                              "(gamma, contrast, blur, sharpening, noise, JPEG, resolution); lower is milder "
                              "(default %(default)s)")
+    parser.add_argument("--affine-degrees", type=degrees, default=AFFINE_DEGREES, metavar="D",
+                        help="robust recipe: largest rotation of the random affine moves, either way "
+                             "(default %(default)s; the tutorial recipe rotates up to 20)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

@@ -398,3 +398,19 @@ def test_acquisition_probability_sets_the_share_of_changed_films():
         build_train_transform(params, recipe="robust", acquisition_probability=1.5)
     with pytest.raises(ValueError, match="robust recipe only"):
         build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", acquisition_probability=0.3)
+
+
+def test_affine_degrees_set_the_robust_recipes_largest_rotation():
+    params = eval_transform_params(image_size=32, recipe="robust")
+
+    def affine(**options):
+        steps = build_train_transform(params, recipe="robust", **options).transforms
+        return next(step for step in steps if type(step).__name__ == "RandomAffine")
+
+    assert affine().degrees == [-10.0, 10.0]
+    assert affine(affine_degrees=20).degrees == [-20.0, 20.0]
+    assert affine(affine_degrees=20).translate == affine().translate  # only the rotation changes
+    with pytest.raises(ValueError, match=r"lie in \[0, 180\]"):
+        build_train_transform(params, recipe="robust", affine_degrees=-5)
+    with pytest.raises(ValueError, match="robust recipe only"):
+        build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", affine_degrees=20)

@@ -296,6 +296,8 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("ablation_of_tutorial", "--robust-without leaves augmentations out of --recipe robust only"),
         ("acquisition_of_tutorial", "--acquisition-probability applies to --recipe robust only"),
         ("acquisition_out_of_range", "argument --acquisition-probability: 1.5 is not a share between 0 and 1"),
+        ("affine_of_tutorial", "--affine-degrees applies to --recipe robust only"),
+        ("affine_out_of_range", "argument --affine-degrees: 200 is not an angle between 0 and 180"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -319,6 +321,10 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
         extra = ["--recipe", "tutorial", "--acquisition-probability", "0.4"]
     elif case == "acquisition_out_of_range":
         extra = ["--acquisition-probability", "1.5"]
+    elif case == "affine_of_tutorial":
+        extra = ["--recipe", "tutorial", "--affine-degrees", "20"]
+    elif case == "affine_out_of_range":
+        extra = ["--affine-degrees", "200"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
