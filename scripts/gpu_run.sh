@@ -104,6 +104,7 @@ compare)
     for augmentation in acquisition crop affine erasing; do  # single-augmentation ablations
         options[robust_no_$augmentation]="--recipe robust --robust-without $augmentation"
     done
+    options[robust_bare]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop affine erasing)"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
