@@ -377,13 +377,13 @@ def test_robust_recipe_leaves_out_only_the_named_augmentations():
 
 
 def test_acquisition_probability_sets_the_share_of_changed_films():
+    import random
+
     params = eval_transform_params(image_size=32, recipe="robust")
     assert "RandomAcquisition(probability=0.8)" in repr(build_train_transform(params, recipe="robust"))
     milder = build_train_transform(params, recipe="robust", acquisition_probability=0.3)
     acquisition = milder.transforms[0]
     assert repr(acquisition) == "RandomAcquisition(probability=0.3)"
-    import random
-
     image = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1)), mode="L")
 
     def changed_share(probability):  # a film left alone comes back as the same object
