@@ -107,8 +107,8 @@ compare)
     options[robust_bare]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop affine erasing)"
     options[robust_rotate20]="--recipe robust --affine-degrees 20"  # the tutorial recipe rotates up to 20
     options[robust_rotate20_hflip]="--recipe robust --affine-degrees 20 --hflip 0.5"
-    options[robust_bare_rotate20_hflip]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop erasing)
-                                         --affine-degrees 20 --hflip 0.5"  # tutorial_equalize + translate, scale
+    options[robust_bare_rotate20_hflip]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop erasing)\
+ --affine-degrees 20 --hflip 0.5"  # tutorial_equalize + translate, scale
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
