@@ -30,6 +30,8 @@ from model.network import build_model
 from model.transforms import (
     ACQUISITION_PROBABILITY,
     AFFINE_DEGREES,
+    AFFINE_SCALE,
+    AFFINE_TRANSLATE,
     build_eval_transform,
     build_train_transform,
     eval_transform_params,
@@ -121,12 +123,14 @@ def train(args):
     """Run a full training job described by the parsed ``scripts/train.py`` arguments."""
     if getattr(args, "robust_without", None) and args.recipe != "robust":
         raise CovidScanError("--robust-without leaves augmentations out of --recipe robust only")
-    acquisition_probability = getattr(args, "acquisition_probability", ACQUISITION_PROBABILITY)
-    if acquisition_probability != ACQUISITION_PROBABILITY and args.recipe != "robust":
-        raise CovidScanError("--acquisition-probability applies to --recipe robust only")
-    affine_degrees = getattr(args, "affine_degrees", AFFINE_DEGREES)
-    if affine_degrees != AFFINE_DEGREES and args.recipe != "robust":
-        raise CovidScanError("--affine-degrees applies to --recipe robust only")
+    # The robust recipe's knobs (argument name -> default); set away from the default with the tutorial recipe they
+    # would be silently ignored, so they are refused
+    robust_options = {"acquisition_probability": ACQUISITION_PROBABILITY, "affine_degrees": AFFINE_DEGREES,
+                      "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE}
+    robust_settings = {name: getattr(args, name, default) for name, default in robust_options.items()}
+    for name, value in robust_settings.items():
+        if value != robust_options[name] and args.recipe != "robust":
+            raise CovidScanError(f"--{name.replace('_', '-')} applies to --recipe robust only")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)
     if device.type == "cuda" and world_size > 1:
@@ -145,7 +149,7 @@ def train(args):
     train_set = make_image_folder(data_root / "train", build_train_transform(
         transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0),
         flip_probability=getattr(args, "hflip", 0.0), without=getattr(args, "robust_without", None) or (),
-        acquisition_probability=acquisition_probability, affine_degrees=affine_degrees))
+        **robust_settings))
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )

@@ -32,6 +32,10 @@ ROBUST_AUGMENTATIONS = ("acquisition", "crop", "affine", "erasing")
 ACQUISITION_PROBABILITY = 0.8
 # Largest rotation, in degrees either way, of the robust recipe's random affine moves (`--affine-degrees`)
 AFFINE_DEGREES = 10.0
+# Largest shift of those moves, as a share of the film's width and height (`--affine-translate`), and largest change
+# of scale either way (`--affine-scale`: 0.1 scales by 0.9-1.1); 0 switches either off
+AFFINE_TRANSLATE = 0.06
+AFFINE_SCALE = 0.1
 INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
 # CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
 CLAHE_CLIP_LIMIT = 2.0
@@ -323,7 +327,8 @@ def build_eval_transform(params):
 
 
 def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=(),
-                          acquisition_probability=ACQUISITION_PROBABILITY, affine_degrees=AFFINE_DEGREES):
+                          acquisition_probability=ACQUISITION_PROBABILITY, affine_degrees=AFFINE_DEGREES,
+                          affine_translate=AFFINE_TRANSLATE, affine_scale=AFFINE_SCALE):
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
@@ -334,6 +339,9 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     ``acquisition_probability``: share of robust-recipe films that get random acquisition changes
     (``RandomAcquisition``); lower is milder.
     ``affine_degrees``: largest rotation of the robust recipe's random affine moves, either way.
+    ``affine_translate``, ``affine_scale``: largest shift of those moves (share of width and height) and largest
+    change of scale either way; at 0 the move has none, so with ``affine_degrees=20``, ``flip_probability=0.5`` and
+    every other augmentation left out the robust recipe is the tutorial's, with the robust recipe's intensity.
     """
     unknown = sorted(set(without) - set(ROBUST_AUGMENTATIONS))
     if unknown:
@@ -348,6 +356,12 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
         raise ValueError(f"affine degrees must lie in [0, 180], not {affine_degrees}")
     if affine_degrees != AFFINE_DEGREES and recipe != "robust":
         raise ValueError("the affine degrees apply to the robust recipe only")
+    for name, value, default, high in (("translate", affine_translate, AFFINE_TRANSLATE, 1.0),
+                                       ("scale", affine_scale, AFFINE_SCALE, 0.9)):
+        if not 0.0 <= value <= high:
+            raise ValueError(f"affine {name} must lie in [0, {high:g}], not {value}")
+        if value != default and recipe != "robust":
+            raise ValueError(f"the affine {name} applies to the robust recipe only")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -367,7 +381,10 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             keep("acquisition", RandomAcquisition(probability=acquisition_probability))
             + [RandomFrame(probability=frame_probability), _resize(params)]
             + (keep("crop", T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25))) or [T.CenterCrop(size)])
-            + keep("affine", T.RandomAffine(degrees=affine_degrees, translate=(0.06, 0.06), scale=(0.9, 1.1)))
+            + keep("affine", T.RandomAffine(
+                degrees=affine_degrees,
+                translate=(affine_translate, affine_translate) if affine_translate else None,  # None: no draw
+                scale=(1.0 - affine_scale, 1.0 + affine_scale) if affine_scale else None))
             + ([T.RandomHorizontalFlip(flip_probability)] if flip_probability else [])  # off: no random draw
             + [IntensityNormalize(params["intensity"])]
             + tail

@@ -109,6 +109,14 @@ compare)
     options[robust_rotate20_hflip]="--recipe robust --affine-degrees 20 --hflip 0.5"
     options[robust_bare_rotate20_hflip]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop erasing)\
  --affine-degrees 20 --hflip 0.5"  # tutorial_equalize + translate, scale
+    # The additive direction: the tutorial recipe with equalisation, written as the robust recipe with every
+    # augmentation left out but the affine moves (rotation up to 20 degrees, no shifts, no scaling) and flips, plus
+    # one robust augmentation at a time
+    for augmentation in acquisition crop erasing; do
+        others=$(printf -- ' --robust-without %s' $(printf '%s\n' acquisition crop erasing | grep -vx "$augmentation"))
+        options[tutorial_equalize_$augmentation]="--recipe robust$others --affine-degrees 20 --affine-translate 0\
+ --affine-scale 0 --hflip 0.5"
+    done
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done

@@ -12,6 +12,8 @@ from model.network import ARCHITECTURES  # noqa: E402
 from model.transforms import (  # noqa: E402
     ACQUISITION_PROBABILITY,
     AFFINE_DEGREES,
+    AFFINE_SCALE,
+    AFFINE_TRANSLATE,
     INTENSITY_MODES,
     RECIPES,
     RESIZE_MODES,
@@ -35,6 +37,7 @@ def bounded(low, high, kind):
 
 probability = bounded(0, 1, "a share")
 degrees = bounded(0, 180, "an angle")
+scale_change = bounded(0, 0.9, "a change of scale")
 
 
 def get_args_parser():
@@ -71,6 +74,12 @@ def get_args_parser():
     parser.add_argument("--affine-degrees", type=degrees, default=AFFINE_DEGREES, metavar="D",
                         help="robust recipe: largest rotation of the random affine moves, either way "
                              "(default %(default)s; the tutorial recipe rotates up to 20)")
+    parser.add_argument("--affine-translate", type=probability, default=AFFINE_TRANSLATE, metavar="F",
+                        help="robust recipe: largest shift of the random affine moves, as a share of the film's "
+                             "width and height (default %(default)s; 0: no shifts)")
+    parser.add_argument("--affine-scale", type=scale_change, default=AFFINE_SCALE, metavar="F",
+                        help="robust recipe: largest change of scale of the random affine moves, either way "
+                             "(default %(default)s, i.e. 0.9-1.1; 0: no scaling)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

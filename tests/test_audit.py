@@ -328,6 +328,8 @@ def test_loso_config_records_options_only_away_from_their_defaults():
         config = audit._loso_config(argparse.Namespace(**base, acquisition_probability=probability), 6)
         assert config["acquisition_probability"] == probability
     assert audit._loso_config(argparse.Namespace(**base, affine_degrees=20.0), 6)["affine_degrees"] == 20.0
+    unmoved = audit._loso_config(argparse.Namespace(**base, affine_translate=0.0, affine_scale=0.1), 6)
+    assert unmoved["affine_translate"] == 0.0 and "affine_scale" not in unmoved
 
 
 def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):

@@ -414,3 +414,37 @@ def test_affine_degrees_set_the_robust_recipes_largest_rotation():
         build_train_transform(params, recipe="robust", affine_degrees=-5)
     with pytest.raises(ValueError, match="robust recipe only"):
         build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", affine_degrees=20)
+
+
+def test_affine_translate_and_scale_set_or_switch_off_the_shifts_and_scaling():
+    params = eval_transform_params(image_size=32, recipe="robust")
+
+    def affine(**options):
+        steps = build_train_transform(params, recipe="robust", **options).transforms
+        return next(step for step in steps if type(step).__name__ == "RandomAffine")
+
+    assert affine().translate == (0.06, 0.06) and affine().scale == (0.9, 1.1)
+    assert affine(affine_translate=0.1, affine_scale=0.2).translate == (0.1, 0.1)
+    assert affine(affine_translate=0.1, affine_scale=0.2).scale == (0.8, 1.2)
+    assert affine(affine_translate=0, affine_scale=0).translate is None  # no shift is drawn at all
+    assert affine(affine_translate=0, affine_scale=0).scale is None
+    for name, value in (("affine_translate", 1.5), ("affine_scale", 0.95), ("affine_scale", -0.1)):
+        with pytest.raises(ValueError, match=r"must lie in \[0, "):
+            build_train_transform(params, recipe="robust", **{name: value})
+        with pytest.raises(ValueError, match="robust recipe only"):
+            build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", **{name: 0.0})
+
+
+def test_robust_recipe_without_moves_is_the_eval_transform():
+    # With no rotation, shifts or scaling and every other augmentation left out, a training film must come out
+    # exactly as at evaluation; the default shifts and scaling must move it
+    params = eval_transform_params(image_size=32, recipe="robust")
+    image = Image.fromarray(make_xray_array(seed=3, size=(48, 40)), mode="L")
+    expected = build_eval_transform(params)(image)
+    without = ("acquisition", "crop", "erasing")
+    still = build_train_transform(params, recipe="robust", without=without, affine_degrees=0, affine_translate=0,
+                                  affine_scale=0)
+    moved = build_train_transform(params, recipe="robust", without=without, affine_degrees=0)
+    torch.manual_seed(0)
+    assert all(torch.equal(still(image), expected) for _ in range(5))
+    assert not all(torch.equal(moved(image), expected) for _ in range(5))

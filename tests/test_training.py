@@ -298,6 +298,8 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("acquisition_out_of_range", "argument --acquisition-probability: 1.5 is not a share between 0 and 1"),
         ("affine_of_tutorial", "--affine-degrees applies to --recipe robust only"),
         ("affine_out_of_range", "argument --affine-degrees: 200 is not an angle between 0 and 180"),
+        ("translate_of_tutorial", "--affine-translate applies to --recipe robust only"),
+        ("scale_out_of_range", "argument --affine-scale: 0.95 is not a change of scale between 0 and 0.9"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -325,6 +327,10 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
         extra = ["--recipe", "tutorial", "--affine-degrees", "20"]
     elif case == "affine_out_of_range":
         extra = ["--affine-degrees", "200"]
+    elif case == "translate_of_tutorial":
+        extra = ["--recipe", "tutorial", "--affine-translate", "0"]
+    elif case == "scale_out_of_range":
+        extra = ["--affine-scale", "0.95"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
