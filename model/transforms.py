@@ -348,20 +348,14 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
         raise ValueError(f"unknown augmentation(s) {unknown}; choose from {ROBUST_AUGMENTATIONS}")
     if without and recipe != "robust":
         raise ValueError("leaving augmentations out applies to the robust recipe only")
-    if not 0.0 <= acquisition_probability <= 1.0:
-        raise ValueError(f"acquisition probability must lie in [0, 1], not {acquisition_probability}")
-    if acquisition_probability != ACQUISITION_PROBABILITY and recipe != "robust":
-        raise ValueError("the acquisition probability applies to the robust recipe only")
-    if not 0.0 <= affine_degrees <= 180.0:
-        raise ValueError(f"affine degrees must lie in [0, 180], not {affine_degrees}")
-    if affine_degrees != AFFINE_DEGREES and recipe != "robust":
-        raise ValueError("the affine degrees apply to the robust recipe only")
-    for name, value, default, high in (("translate", affine_translate, AFFINE_TRANSLATE, 1.0),
-                                       ("scale", affine_scale, AFFINE_SCALE, 0.9)):
+    for name, value, default, high in (("acquisition probability", acquisition_probability, ACQUISITION_PROBABILITY, 1),
+                                       ("affine degrees", affine_degrees, AFFINE_DEGREES, 180),
+                                       ("affine translate", affine_translate, AFFINE_TRANSLATE, 1),
+                                       ("affine scale", affine_scale, AFFINE_SCALE, 0.9)):
         if not 0.0 <= value <= high:
-            raise ValueError(f"affine {name} must lie in [0, {high:g}], not {value}")
+            raise ValueError(f"{name} must lie in [0, {high:g}], not {value}")
         if value != default and recipe != "robust":
-            raise ValueError(f"the affine {name} applies to the robust recipe only")
+            raise ValueError(f"the {name} setting applies to the robust recipe only")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),

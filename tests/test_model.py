@@ -400,16 +400,18 @@ def test_acquisition_probability_sets_the_share_of_changed_films():
         build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", acquisition_probability=0.3)
 
 
+def robust_affine(**options):
+    """The RandomAffine step of the robust recipe built with ``options``."""
+    params = eval_transform_params(image_size=32, recipe="robust")
+    steps = build_train_transform(params, recipe="robust", **options).transforms
+    return next(step for step in steps if type(step).__name__ == "RandomAffine")
+
+
 def test_affine_degrees_set_the_robust_recipes_largest_rotation():
     params = eval_transform_params(image_size=32, recipe="robust")
-
-    def affine(**options):
-        steps = build_train_transform(params, recipe="robust", **options).transforms
-        return next(step for step in steps if type(step).__name__ == "RandomAffine")
-
-    assert affine().degrees == [-10.0, 10.0]
-    assert affine(affine_degrees=20).degrees == [-20.0, 20.0]
-    assert affine(affine_degrees=20).translate == affine().translate  # only the rotation changes
+    assert robust_affine().degrees == [-10.0, 10.0]
+    assert robust_affine(affine_degrees=20).degrees == [-20.0, 20.0]
+    assert robust_affine(affine_degrees=20).translate == robust_affine().translate  # only the rotation changes
     with pytest.raises(ValueError, match=r"lie in \[0, 180\]"):
         build_train_transform(params, recipe="robust", affine_degrees=-5)
     with pytest.raises(ValueError, match="robust recipe only"):
@@ -418,16 +420,11 @@ def test_affine_degrees_set_the_robust_recipes_largest_rotation():
 
 def test_affine_translate_and_scale_set_or_switch_off_the_shifts_and_scaling():
     params = eval_transform_params(image_size=32, recipe="robust")
-
-    def affine(**options):
-        steps = build_train_transform(params, recipe="robust", **options).transforms
-        return next(step for step in steps if type(step).__name__ == "RandomAffine")
-
-    assert affine().translate == (0.06, 0.06) and affine().scale == (0.9, 1.1)
-    assert affine(affine_translate=0.1, affine_scale=0.2).translate == (0.1, 0.1)
-    assert affine(affine_translate=0.1, affine_scale=0.2).scale == (0.8, 1.2)
-    assert affine(affine_translate=0, affine_scale=0).translate is None  # no shift is drawn at all
-    assert affine(affine_translate=0, affine_scale=0).scale is None
+    assert robust_affine().translate == (0.06, 0.06) and robust_affine().scale == (0.9, 1.1)
+    assert robust_affine(affine_translate=0.1, affine_scale=0.2).translate == (0.1, 0.1)
+    assert robust_affine(affine_translate=0.1, affine_scale=0.2).scale == (0.8, 1.2)
+    assert robust_affine(affine_translate=0, affine_scale=0).translate is None  # no shift is drawn at all
+    assert robust_affine(affine_translate=0, affine_scale=0).scale is None
     for name, value in (("affine_translate", 1.5), ("affine_scale", 0.95), ("affine_scale", -0.1)):
         with pytest.raises(ValueError, match=r"must lie in \[0, "):
             build_train_transform(params, recipe="robust", **{name: value})
