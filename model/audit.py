@@ -27,13 +27,7 @@ from model.data import load_image, make_image_folder, read_manifest_sources
 from model.engine import predict_logits
 from model.errors import DataError
 from model.metrics import _pyplot, compute_metrics, softmax
-from model.transforms import (
-    ACQUISITION_PROBABILITY,
-    AFFINE_DEGREES,
-    AFFINE_SCALE,
-    AFFINE_TRANSLATE,
-    build_eval_transform,
-)
+from model.transforms import ROBUST_SETTINGS, build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -798,8 +792,7 @@ def build_holdout_folder(entries, class_name, source, folder):
 # Options recorded only when set away from their default (the value here), so that folds run before an option
 # existed still match a rerun that leaves it off; the LOSO report names them
 _LOSO_OPTIONS = {"intensity": None, "resize": None, "random_frame": 0.0, "hflip": 0.0, "robust_without": None,
-                 "source_adversary": 0.0, "acquisition_probability": ACQUISITION_PROBABILITY,
-                 "affine_degrees": AFFINE_DEGREES, "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE}
+                 "source_adversary": 0.0, **ROBUST_SETTINGS}
 
 
 def _option_set(key, value):

@@ -28,10 +28,7 @@ from model.errors import CheckpointError, CovidScanError, DataError
 from model.metrics import compute_metrics, softmax
 from model.network import build_model
 from model.transforms import (
-    ACQUISITION_PROBABILITY,
-    AFFINE_DEGREES,
-    AFFINE_SCALE,
-    AFFINE_TRANSLATE,
+    ROBUST_SETTINGS,
     build_eval_transform,
     build_train_transform,
     eval_transform_params,
@@ -123,13 +120,10 @@ def train(args):
     """Run a full training job described by the parsed ``scripts/train.py`` arguments."""
     if getattr(args, "robust_without", None) and args.recipe != "robust":
         raise CovidScanError("--robust-without leaves augmentations out of --recipe robust only")
-    # The robust recipe's knobs (argument name -> default); set away from the default with the tutorial recipe they
-    # would be silently ignored, so they are refused
-    robust_options = {"acquisition_probability": ACQUISITION_PROBABILITY, "affine_degrees": AFFINE_DEGREES,
-                      "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE}
-    robust_settings = {name: getattr(args, name, default) for name, default in robust_options.items()}
+    # Set away from their defaults with the tutorial recipe, the robust recipe's settings would be silently ignored
+    robust_settings = {name: getattr(args, name, default) for name, default in ROBUST_SETTINGS.items()}
     for name, value in robust_settings.items():
-        if value != robust_options[name] and args.recipe != "robust":
+        if value != ROBUST_SETTINGS[name] and args.recipe != "robust":
             raise CovidScanError(f"--{name.replace('_', '-')} applies to --recipe robust only")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)

@@ -36,6 +36,9 @@ AFFINE_DEGREES = 10.0
 # of scale either way (`--affine-scale`: 0.1 scales by 0.9-1.1); 0 switches either off
 AFFINE_TRANSLATE = 0.06
 AFFINE_SCALE = 0.1
+# The robust recipe's settings (``build_train_transform`` keyword = `scripts/train.py` option) and their defaults
+ROBUST_SETTINGS = {"acquisition_probability": ACQUISITION_PROBABILITY, "affine_degrees": AFFINE_DEGREES,
+                   "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE}
 INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
 # CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
 CLAHE_CLIP_LIMIT = 2.0
