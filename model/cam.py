@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from model.network import feature_layer
+from model.transforms import box_in_pixels
 
 
 class ActivationRecorder:
@@ -34,8 +35,18 @@ def class_activation_maps(activations, head_weight, class_indices):
         return (maps / peak[:, None, None]).cpu().numpy()
 
 
-def cam_to_image_space(cam, transform_params, image_size):
-    """Map a CAM from the network's input crop back onto the original image (``image_size`` = (w, h))."""
+def cam_to_image_space(cam, transform_params, image_size, content_box=None):
+    """Map a CAM from the network's input crop back onto the original image (``image_size`` = (w, h)).
+
+    ``content_box``: the part of the image the model saw when the eval transform trims borders
+    (``model.transforms.content_box`` of the image, fractions of its size); the trimmed borders get no heat.
+    """
+    if content_box is not None:
+        left, top, right, bottom = box_in_pixels(content_box, image_size)
+        inner = cam_to_image_space(cam, transform_params, (right - left, bottom - top))
+        heat = np.zeros((image_size[1], image_size[0]), dtype=np.float32)
+        heat[top:bottom, left:right] = inner
+        return heat
     width, height = image_size
     side, crop = transform_params["image_size"], transform_params["crop_size"]
     heat = Image.fromarray(np.uint8(np.clip(cam, 0, 1) * 255), mode="L").resize((crop, crop), Image.BILINEAR)

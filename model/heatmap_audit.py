@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from model.audit import PerturbedImages, default_manifest, load_split, markdown_table, percent
 from model.cam import ActivationRecorder, class_activation_maps, cam_to_image_space
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
-from model.transforms import build_eval_transform
+from model.transforms import build_eval_transform, seen_box
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,13 @@ def heat_shares(frame, masks):
     return {name: float(frame[mask].sum()) / total for name, mask in masks.items()}
 
 
-def heat_frame(cam, transform_params, image_size, grid=GRID):
-    """A CAM (network input space) as heat over the original image, resampled onto a ``grid`` x ``grid`` frame."""
+def heat_frame(cam, transform_params, image_size, grid=GRID, content_box=None):
+    """A CAM (network input space) as heat over the original image, resampled onto a ``grid`` x ``grid`` frame
+    (``content_box``: what the model saw of a border-trimmed image, ``model.transforms.seen_box``)."""
     width, height = image_size
     scale = 4 * grid / max(width, height)  # the letterbox geometry needs the aspect ratio, not the full size
     small = (max(1, round(width * scale)), max(1, round(height * scale)))
-    heat = cam_to_image_space(cam, transform_params, small)
+    heat = cam_to_image_space(cam, transform_params, small, content_box=content_box)
     return np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((grid, grid), Image.BILINEAR))
 
 
@@ -77,7 +78,9 @@ def predicted_class_frames(network, transform, transform_params, split, *, batch
                 cams = class_activation_maps(recorder.activations, network.fc.weight, predicted)
                 for cam in cams:
                     index = len(frames)
-                    frames.append(heat_frame(cam, transform_params, split.images[index].size))
+                    image = split.images[index]
+                    frames.append(heat_frame(cam, transform_params, image.size,
+                                             content_box=seen_box(transform_params, image)))
                 predictions.extend(predicted.cpu().tolist())
     finally:
         recorder.remove()

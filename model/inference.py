@@ -13,7 +13,7 @@ from model.cam import cam_to_image_space, class_activation_maps, overlay_heatmap
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
 from model.ood import activation_score, input_check_reasons
 from model.runtime import build_runtime_for_predictor
-from model.transforms import build_eval_transform, decode_upload
+from model.transforms import build_eval_transform, decode_upload, seen_box
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class Predictor:
         if with_heatmap:
             cam = class_activation_maps(activations, self.network.fc.weight, torch.tensor([index]))[0]
             display = _display_copy(image)
-            heat = cam_to_image_space(cam, self.transform_params, display.size)
+            heat = cam_to_image_space(cam, self.transform_params, display.size,
+                                      content_box=seen_box(self.transform_params, image))
             heatmap = overlay_heatmap(display, heat)
         return Prediction(
             label=self.class_names[index],

@@ -139,7 +139,8 @@ def train(args):
         raise DataError(f"data folder not found: {data_root}")
     transform_params = eval_transform_params(image_size=args.image_size, recipe=args.recipe,
                                              intensity=getattr(args, "intensity", None),
-                                             resize_mode=getattr(args, "resize", None))
+                                             resize_mode=getattr(args, "resize", None),
+                                             trim_borders=getattr(args, "trim_borders", False))
     train_set = make_image_folder(data_root / "train", build_train_transform(
         transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0),
         flip_probability=getattr(args, "hflip", 0.0), without=getattr(args, "robust_without", None) or (),

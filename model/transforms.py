@@ -44,6 +44,15 @@ INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocont
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = 8
 RESIZE_MODES = ("squash", "letterbox")
+# Border trimming (``TrimBorders``): rows and columns are judged on a copy at most this many pixels a side, each
+# smoothed along itself over BORDER_SMOOTHING pixels; a row or column is a flat border where its 2nd-98th
+# percentile spread is at most BORDER_SPREAD grey levels; at most BORDER_MAX_SHARE of the film goes from any side;
+# at most BORDER_PASSES passes, each inside the box of the last.
+BORDER_PROBE_SIDE = 256
+BORDER_SMOOTHING = 21
+BORDER_PASSES = 4
+BORDER_SPREAD = 10.0
+BORDER_MAX_SHARE = 0.35
 
 # Pillow must never hand us a half-decoded image silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -203,6 +212,82 @@ class Letterbox:
         return f"{type(self).__name__}(size={self.size})"
 
 
+def content_box(image):
+    """The film's content inside flat borders, as fractions ``(left, top, right, bottom)`` of its width and height.
+
+    A flat border is a run of outer rows or columns of nearly one grey level, whatever that level: black or white
+    frames, letterbox bars, the margin of a scanned figure. Judged on an at most 256-pixel copy, each row smoothed
+    along itself (and each column along itself, so that no content leaks across the border's edge), so that sensor
+    noise or JPEG ringing in a border does not hide it. Anatomy is never that flat; outer air can be, and is then
+    trimmed too. Repeated inside the box found until it no longer shrinks, so that a film framed on some sides and
+    the same film unframed come out alike. At most 35 % of the film goes from any one side; a film flat all over is
+    kept whole.
+    """
+    probe = image.copy()
+    probe.thumbnail((BORDER_PROBE_SIDE, BORDER_PROBE_SIDE), Image.BOX)
+    pixels = np.asarray(probe, dtype=np.float32)
+    height, width = pixels.shape
+    box = [0, 0, width, height]  # left, top, right, bottom in probe pixels
+    for _ in range(BORDER_PASSES):
+        left, top, right, bottom = box
+        region = pixels[top:bottom, left:right]
+        found = []
+        for axis, offset, length in ((0, left, width), (1, top, height)):  # columns, then rows
+            lines = _running_mean(region, axis, BORDER_SMOOTHING)
+            low, high = np.percentile(lines, (2, 98), axis=axis)
+            content = np.flatnonzero(high - low > BORDER_SPREAD)
+            if content.size == 0:
+                break
+            limit = BORDER_MAX_SHARE * length
+            found.append((min(offset + int(content[0]), int(limit)),
+                          max(offset + int(content[-1]) + 1, length - int(limit))))
+        if len(found) < 2:
+            break
+        (new_left, new_right), (new_top, new_bottom) = found
+        new_box = [max(new_left, left), max(new_top, top), min(new_right, right), min(new_bottom, bottom)]
+        if new_box == box:
+            break
+        box = new_box
+    left, top, right, bottom = box
+    return left / width, top / height, right / width, bottom / height
+
+
+def _running_mean(pixels, axis, width):
+    """Means over every full window of ``width`` neighbours along ``axis`` (the whole line if shorter)."""
+    width = min(width, pixels.shape[axis])
+    sums = np.cumsum(pixels, axis=axis, dtype=np.float64)
+    length = pixels.shape[axis]
+    stops = np.arange(width - 1, length)
+    totals = np.take(sums, stops, axis=axis)
+    starts = stops - width
+    earlier = np.take(sums, np.maximum(starts, 0), axis=axis)
+    shape = [1, 1]
+    shape[axis] = len(stops)
+    return (totals - np.where((starts >= 0).reshape(shape), earlier, 0)) / width
+
+
+def box_in_pixels(box, size):
+    """A ``content_box`` in the pixels of an image of ``size`` = (width, height)."""
+    width, height = size
+    left, top, right, bottom = box
+    return round(left * width), round(top * height), max(round(right * width), round(left * width) + 1), \
+        max(round(bottom * height), round(top * height) + 1)
+
+
+class TrimBorders:
+    """Crop the film to its ``content_box``: flat frames and bars, which mark a source, never reach the model.
+
+    Applied first, on the decoded film, in training and serving alike (``trim_borders`` in the stored eval
+    transform), so that a black border added or taken away does not change what the model sees.
+    """
+
+    def __call__(self, image):
+        return image.crop(box_in_pixels(content_box(image), image.size))
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
 class RandomAcquisition:
     """Random acquisition-like changes (gamma, contrast, blur, sharpening, noise, JPEG, resolution)."""
 
@@ -282,7 +367,7 @@ class RandomFrame:
         return f"{type(self).__name__}(probability={self.probability})"
 
 
-def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, resize_mode=None):
+def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, resize_mode=None, trim_borders=False):
     """Return the plain-dict description of the eval transform that is stored in checkpoints.
 
     ``intensity`` overrides the recipe's intensity normalisation (one of ``INTENSITY_MODES``), ``resize_mode``
@@ -290,6 +375,8 @@ def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, 
     aspect ratio but draws black bars on non-square films only, and on CXR-3 that marks the source (Cohen's films
     are not square, the Radiography DB's all are). Measured in docs/audit.md ("Letterbox or squash"); the
     shipped model 2026.11.27-4 was trained before that and letterboxes (``--resize letterbox``).
+    ``trim_borders``: crop each film to its ``content_box`` before anything else (``TrimBorders``); checkpoints
+    written before the option existed lack the key and do not trim.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
@@ -306,7 +393,18 @@ def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, 
         "channels": 3,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
+        "trim_borders": bool(trim_borders),
     }
+
+
+def _trim(params):
+    return [TrimBorders()] if params.get("trim_borders", False) else []
+
+
+def seen_box(params, image):
+    """The part of ``image`` that the eval transform of ``params`` shows the model (a ``content_box``), or None
+    for the whole image."""
+    return content_box(image) if params.get("trim_borders", False) else None
 
 
 def _resize(params):
@@ -318,7 +416,8 @@ def _resize(params):
 def build_eval_transform(params):
     """Build the deterministic eval transform (PIL "L" image -> normalised tensor) from stored params."""
     return T.Compose(
-        [
+        _trim(params)
+        + [
             _resize(params),
             T.CenterCrop(params["crop_size"]),
             IntensityNormalize(params["intensity"]),
@@ -367,7 +466,8 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     ]
     if recipe == "tutorial":
         return T.Compose(
-            [_resize(params), T.RandomRotation(20), T.RandomHorizontalFlip(), IntensityNormalize(params["intensity"])]
+            _trim(params)
+            + [_resize(params), T.RandomRotation(20), T.RandomHorizontalFlip(), IntensityNormalize(params["intensity"])]
             + tail
         )
     if recipe == "robust":
@@ -375,7 +475,8 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             return [] if name in without else [step]
 
         return T.Compose(
-            keep("acquisition", RandomAcquisition(probability=acquisition_probability))
+            _trim(params)  # on the film as decoded, as in serving: before any augmentation
+            + keep("acquisition", RandomAcquisition(probability=acquisition_probability))
             + [RandomFrame(probability=frame_probability), _resize(params)]
             + (keep("crop", T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25))) or [T.CenterCrop(size)])
             + keep("affine", T.RandomAffine(

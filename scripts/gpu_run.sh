@@ -120,6 +120,9 @@ compare)
     # The full robust recipe with rotation only (the affine's shifts and scaling off) and flips; with random frames
     options[robust_rotation_only]="--recipe robust --affine-degrees 20 --affine-translate 0 --affine-scale 0 --hflip 0.5"
     options[robust_rotation_only_frame]="${options[robust_rotation_only]} --random-frame 0.3"
+    # Border trimming (--trim-borders): the tutorial with equalisation, alone and with random resized crops
+    options[tutorial_equalize_trim]="${options[tutorial_equalize]} --trim-borders"
+    options[tutorial_equalize_crop_trim]="${options[tutorial_equalize_crop]} --trim-borders"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done

@@ -58,6 +58,9 @@ def get_args_parser():
     parser.add_argument("--resize", default=None, choices=RESIZE_MODES,
                         help="resize to a square by squashing (default) or by letterboxing (keeps the aspect ratio "
                              "behind black bars; the shipped 2026.11.27-4 used it); stored in the checkpoint")
+    parser.add_argument("--trim-borders", action="store_true",
+                        help="crop each film to its content inside flat borders (black or white frames, bars, "
+                             "margins) before the resize, in training and serving; stored in the checkpoint")
     parser.add_argument("--random-frame", type=probability, default=0.0, metavar="P",
                         help="robust recipe: give this share of training films a random black or white frame on "
                              "some sides, so that a frame stops telling the source (0: off)")

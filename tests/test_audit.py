@@ -330,6 +330,11 @@ def test_loso_config_records_options_only_away_from_their_defaults():
     assert audit._loso_config(argparse.Namespace(**base, affine_degrees=20.0), 6)["affine_degrees"] == 20.0
     unmoved = audit._loso_config(argparse.Namespace(**base, affine_translate=0.0, affine_scale=0.1), 6)
     assert unmoved["affine_translate"] == 0.0 and "affine_scale" not in unmoved
+    assert "trim_borders" not in audit._loso_config(argparse.Namespace(**base, trim_borders=False), 6)
+    trimmed = audit._loso_config(argparse.Namespace(**base, trim_borders=True), 6)
+    assert trimmed["trim_borders"] is True
+    assert "recipe robust, trim borders True," in audit.format_loso_markdown(
+        {"config": {**trimmed, "weights": "none"}, "wall_seconds": 60, "folds": []})
 
 
 def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):

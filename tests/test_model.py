@@ -21,10 +21,13 @@ from model.inference import Predictor
 from model.network import build_model
 from model.transforms import (
     RandomAcquisition,
+    TrimBorders,
     build_eval_transform,
     build_train_transform,
+    content_box,
     decode_image,
     eval_transform_params,
+    seen_box,
 )
 
 
@@ -445,3 +448,98 @@ def test_robust_recipe_without_moves_is_the_eval_transform():
     torch.manual_seed(0)
     assert all(torch.equal(still(image), expected) for _ in range(5))
     assert not all(torch.equal(moved(image), expected) for _ in range(5))
+
+
+def _framed(image, border, fill):
+    """``image`` inside a frame of ``fill`` grey, ``border`` = (left, top, right, bottom) pixels."""
+    from PIL import ImageOps
+
+    return ImageOps.expand(image, border=border, fill=fill)
+
+
+def _noisy(image, sigma, seed=0):
+    pixels = np.asarray(image, dtype=np.float32) + np.random.default_rng(seed).normal(0, sigma, image.size[::-1])
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+
+
+def _ribbed(seed, size):
+    """A synthetic film with broad ribs: no outer row or column of it is flat."""
+    rows = np.arange(size[0])[:, None]
+    pixels = make_xray_array(seed=seed, size=size) + 30 * np.sin(2 * np.pi * rows / (size[0] / 4))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+
+
+def test_trimming_takes_off_a_frame_of_any_grey_level_even_under_noise():
+    image = _ribbed(8, (120, 100))
+    assert content_box(image) == (0.0, 0.0, 1.0, 1.0)
+    for fill in (0, 255, 90):  # black, white, grey
+        framed = _framed(image, (7, 11, 5, 9), fill)
+        assert np.array_equal(np.asarray(TrimBorders()(framed)), np.asarray(image)), fill
+        # the audit's sensor noise (sigma 8) over the whole film moves the box by at most two pixels on any side
+        clean, noisy = (np.array(content_box(film)) * np.tile(framed.size, 2)
+                        for film in (framed, _noisy(framed, 8)))
+        assert np.abs(clean - noisy).max() <= 2.0, (fill, clean, noisy)
+    # a large film is judged on a small copy: the box is right to within a pixel of that copy
+    large = _framed(_ribbed(8, (600, 500)), (40, 70, 30, 50), 0)
+    left, top, right, bottom = content_box(large)
+    scale = 256 / large.height
+    assert abs(left * large.width - 40) <= 1 / scale and abs(top * large.height - 70) <= 1 / scale
+    assert abs(right * large.width - 540) <= 1 / scale and abs(bottom * large.height - 670) <= 1 / scale
+
+
+def test_trimming_a_film_framed_on_some_sides_matches_trimming_it_bare():
+    # make_xray_array's outer columns are flat tissue, trimmed too; a frame on the top and bottom runs through them,
+    # so only a second pass inside the first box finds them
+    image = Image.fromarray(make_xray_array(seed=8, size=(120, 100)), mode="L")
+    bare = np.asarray(TrimBorders()(image))
+    assert bare.shape[1] < 100
+    assert np.array_equal(np.asarray(TrimBorders()(_framed(image, (0, 11, 0, 9), 0))), bare)
+
+
+def test_trimming_keeps_textured_and_flat_films_whole_and_takes_at_most_a_third_from_a_side():
+    textured = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 80), dtype=np.uint8), mode="L")
+    assert content_box(textured) == (0.0, 0.0, 1.0, 1.0)
+    assert content_box(Image.new("L", (90, 80), 40)) == (0.0, 0.0, 1.0, 1.0)
+    half_black = _framed(textured, (120, 0, 0, 0), 0)  # 60 % of the width is black
+    assert content_box(half_black) == pytest.approx((0.35, 0.0, 1.0, 1.0))
+
+
+def test_trimming_is_stored_with_the_eval_transform_and_applied_in_training_and_serving():
+    image = Image.fromarray(make_xray_array(seed=9, size=(72, 64)), mode="L")
+    framed = _framed(image, (9, 4, 6, 12), 0)
+    params = eval_transform_params(image_size=32, recipe="robust", trim_borders=True)
+    assert params["trim_borders"] is True
+    assert eval_transform_params(image_size=32)["trim_borders"] is False
+    trimming = build_eval_transform(params)
+    assert torch.equal(trimming(framed), trimming(image))
+    plain = build_eval_transform({**params, "trim_borders": False})
+    assert not torch.equal(plain(framed), plain(image))
+    legacy = {key: value for key, value in params.items() if key != "trim_borders"}  # checkpoints before the option
+    assert torch.equal(build_eval_transform(legacy)(framed), plain(framed))
+    still = build_train_transform(params, recipe="robust", without=("acquisition", "crop", "erasing"),
+                                  affine_degrees=0, affine_translate=0, affine_scale=0)
+    assert torch.equal(still(framed), trimming(framed))  # training trims exactly as serving does
+    tutorial = build_train_transform(eval_transform_params(image_size=32, trim_borders=True), recipe="tutorial")
+    assert isinstance(tutorial.transforms[0], TrimBorders)
+    assert seen_box(params, framed) == content_box(framed) and seen_box(legacy, framed) is None
+
+
+def test_heatmap_of_a_trimmed_film_lies_on_what_the_model_saw():
+    from model.cam import cam_to_image_space
+
+    params = eval_transform_params(image_size=32, trim_borders=True)
+    heat = cam_to_image_space(np.ones((4, 4), dtype=np.float32), params, (100, 50), content_box=(0.1, 0.2, 0.9, 0.6))
+    assert heat.shape == (50, 100)
+    assert heat[10:30, 10:90].min() > 0.9
+    assert heat[:10].max() == 0 and heat[30:].max() == 0 and heat[:, :10].max() == 0 and heat[:, 90:].max() == 0
+
+
+def test_a_trimming_model_gives_the_same_answer_with_or_without_a_black_frame():
+    network = build_model("resnet18", num_classes=3)
+    checkpoint = make_checkpoint(network, arch="resnet18", class_names=CLASS_NAMES,
+                                 transform=eval_transform_params(image_size=64, trim_borders=True))
+    predictor = Predictor(checkpoint)
+    image = Image.fromarray(make_xray_array(seed=10, size=(160, 140)), mode="L")
+    bare, framed = (predictor.predict_image(film) for film in (image, _framed(image, (20, 10, 15, 25), 0)))
+    assert bare.probabilities == pytest.approx(framed.probabilities, abs=1e-5)
+    assert framed.heatmap.size == (175, 195)

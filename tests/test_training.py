@@ -53,6 +53,12 @@ def test_training_writes_a_plain_torchvision_checkpoint(trained):
     assert sum(int(row["is_best"]) for row in rows) >= 1
 
 
+def test_trimming_borders_is_stored_in_the_checkpoint(image_folder, tmp_path):
+    run_script("train.py", "--data", image_folder, "--output-dir", tmp_path, "--epochs", "1", "--recipe", "tutorial",
+               "--trim-borders", *TRAIN_ARGS)
+    assert load_checkpoint(tmp_path / "best.pt")["transform"]["trim_borders"] is True
+
+
 def test_evaluate_writes_metrics_well_above_chance(trained, image_folder, tmp_path):
     run_script("evaluate.py", "--checkpoint", trained / "best.pt", "--data", image_folder / "test",
                "--output-dir", tmp_path, "--workers", "0", "--no-progress")
