@@ -33,6 +33,15 @@ def test_heat_in_the_bottom_rows_of_the_cam_lands_in_the_bottom_quarter_of_the_i
     assert heatmap_audit.peak_region(heatmap_audit.heat_frame(cam, LETTERBOX, (300, 300)), masks) == "centre"
 
 
+def test_heat_of_a_border_trimmed_film_lies_inside_the_part_the_model_saw():
+    """With trimming, the whole CAM covers the content box: the trimmed top quarter gets no heat."""
+    squash = {"image_size": 64, "crop_size": 64, "resize_mode": "squash", "trim_borders": True}
+    cam = np.ones((7, 7), dtype=np.float32)
+    frame = heatmap_audit.heat_frame(cam, squash, (300, 300), content_box=(0.0, 0.25, 1.0, 1.0))
+    rows = heatmap_audit.GRID // 4
+    assert frame[:rows - 1].max() == 0 and frame[rows + 1:].min() > 0.9
+
+
 def test_heat_on_the_letterbox_padding_is_not_counted_on_the_image():
     """A wide image fills only the middle rows of the square input: heat in the top rows lies off the image."""
     top, middle = np.zeros((7, 7), dtype=np.float32), np.zeros((7, 7), dtype=np.float32)
