@@ -219,8 +219,8 @@ def content_box(image):
     frames, letterbox bars, the margin of a scanned figure. Judged on an at most 256-pixel copy, each row smoothed
     along itself (and each column along itself, so that no content leaks across the border's edge), so that sensor
     noise or JPEG ringing in a border does not hide it. Anatomy is never that flat; outer air can be, and is then
-    trimmed too. Repeated inside the box found until it no longer shrinks, so that a film framed on some sides and
-    the same film unframed come out alike. At most 35 % of the film goes from any one side; a film flat all over is
+    trimmed too. Repeated inside the box found until it no longer shrinks (at most 4 passes), so that a film framed
+    on some sides and the same film unframed come out alike. At most 35 % of the film goes from any one side; a film flat all over is
     kept whole.
     """
     probe = image.copy()
@@ -254,24 +254,19 @@ def content_box(image):
 
 def _running_mean(pixels, axis, width):
     """Means over every full window of ``width`` neighbours along ``axis`` (the whole line if shorter)."""
-    width = min(width, pixels.shape[axis])
-    sums = np.cumsum(pixels, axis=axis, dtype=np.float64)
     length = pixels.shape[axis]
-    stops = np.arange(width - 1, length)
-    totals = np.take(sums, stops, axis=axis)
-    starts = stops - width
-    earlier = np.take(sums, np.maximum(starts, 0), axis=axis)
-    shape = [1, 1]
-    shape[axis] = len(stops)
-    return (totals - np.where((starts >= 0).reshape(shape), earlier, 0)) / width
+    width = min(width, length)
+    sums = np.cumsum(pixels, axis=axis, dtype=np.float64)
+    sums = np.concatenate([np.zeros_like(np.take(sums, [0], axis=axis)), sums], axis=axis)  # sums[i]: first i
+    return (np.take(sums, np.arange(width, length + 1), axis=axis)
+            - np.take(sums, np.arange(0, length - width + 1), axis=axis)) / width
 
 
 def box_in_pixels(box, size):
-    """A ``content_box`` in the pixels of an image of ``size`` = (width, height)."""
+    """A ``content_box`` in the pixels of an image of ``size`` = (width, height), at least one pixel each way."""
     width, height = size
-    left, top, right, bottom = box
-    return round(left * width), round(top * height), max(round(right * width), round(left * width) + 1), \
-        max(round(bottom * height), round(top * height) + 1)
+    left, top = round(box[0] * width), round(box[1] * height)
+    return left, top, max(round(box[2] * width), left + 1), max(round(box[3] * height), top + 1)
 
 
 class TrimBorders:
