@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import CLASS_NAMES, encode, make_xray_array
 from model.checkpoint import (
@@ -257,17 +257,16 @@ def test_cam_follows_the_evidence():
     assert cam.max() == pytest.approx(1.0)
 
 
-def _padded(image, border):
-    padded = Image.new("L", (image.width + 2 * border, image.height + 2 * border), 0)
-    padded.paste(image, (border, border))
-    return padded
+def _framed(image, border, fill):
+    """``image`` inside a frame of ``fill`` grey, ``border`` = (left, top, right, bottom) pixels."""
+    return ImageOps.expand(image, border=border, fill=fill)
 
 
 def test_foreground_equalisation_ignores_black_borders():
     from model.transforms import IntensityNormalize
 
     image = Image.fromarray(np.clip(make_xray_array(5, size=(96, 96)), 1, 255))  # no pure black inside
-    padded = _padded(image, 12)
+    padded = _framed(image, (12, 12, 12, 12), 0)
     inner = (12, 12, 108, 108)
     foreground = IntensityNormalize("equalize_foreground")
     assert np.array_equal(np.asarray(foreground(padded).crop(inner)), np.asarray(foreground(image)))
@@ -448,13 +447,6 @@ def test_robust_recipe_without_moves_is_the_eval_transform():
     torch.manual_seed(0)
     assert all(torch.equal(still(image), expected) for _ in range(5))
     assert not all(torch.equal(moved(image), expected) for _ in range(5))
-
-
-def _framed(image, border, fill):
-    """``image`` inside a frame of ``fill`` grey, ``border`` = (left, top, right, bottom) pixels."""
-    from PIL import ImageOps
-
-    return ImageOps.expand(image, border=border, fill=fill)
 
 
 def _noisy(image, sigma, seed=0):
