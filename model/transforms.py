@@ -36,9 +36,12 @@ AFFINE_DEGREES = 10.0
 # of scale either way (`--affine-scale`: 0.1 scales by 0.9-1.1); 0 switches either off
 AFFINE_TRANSLATE = 0.06
 AFFINE_SCALE = 0.1
+# Smallest share of the film's area that the robust recipe's random resized crop keeps (`--crop-scale`); 1 keeps the
+# whole film at each crop's aspect ratio
+CROP_SCALE = 0.6
 # The robust recipe's settings (``build_train_transform`` keyword = `scripts/train.py` option) and their defaults
 ROBUST_SETTINGS = {"acquisition_probability": ACQUISITION_PROBABILITY, "affine_degrees": AFFINE_DEGREES,
-                   "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE}
+                   "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE, "crop_scale": CROP_SCALE}
 INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
 # CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
 CLAHE_CLIP_LIMIT = 2.0
@@ -425,7 +428,7 @@ def build_eval_transform(params):
 
 def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=(),
                           acquisition_probability=ACQUISITION_PROBABILITY, affine_degrees=AFFINE_DEGREES,
-                          affine_translate=AFFINE_TRANSLATE, affine_scale=AFFINE_SCALE):
+                          affine_translate=AFFINE_TRANSLATE, affine_scale=AFFINE_SCALE, crop_scale=CROP_SCALE):
     """Build the augmenting train transform matching ``params`` (the eval transform's description).
 
     ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
@@ -439,6 +442,7 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     ``affine_translate``, ``affine_scale``: largest shift of those moves (share of width and height) and largest
     change of scale either way; at 0 the move has none, so with ``affine_degrees=20``, ``flip_probability=0.5`` and
     every other augmentation left out the robust recipe is the tutorial's, with the robust recipe's intensity.
+    ``crop_scale``: smallest share of the film's area that the random resized crop keeps; higher is milder.
     """
     unknown = sorted(set(without) - set(ROBUST_AUGMENTATIONS))
     if unknown:
@@ -448,11 +452,14 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     for name, value, default, high in (("acquisition probability", acquisition_probability, ACQUISITION_PROBABILITY, 1),
                                        ("affine degrees", affine_degrees, AFFINE_DEGREES, 180),
                                        ("affine translate", affine_translate, AFFINE_TRANSLATE, 1),
-                                       ("affine scale", affine_scale, AFFINE_SCALE, 0.9)):
+                                       ("affine scale", affine_scale, AFFINE_SCALE, 0.9),
+                                       ("crop scale", crop_scale, CROP_SCALE, 1)):
         if not 0.0 <= value <= high:
             raise ValueError(f"{name} must lie in [0, {high:g}], not {value}")
         if value != default and recipe != "robust":
             raise ValueError(f"the {name} setting applies to the robust recipe only")
+    if crop_scale != CROP_SCALE and "crop" in without:
+        raise ValueError("the crop scale setting needs the robust recipe's crops, which are left out")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -473,7 +480,8 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             _trim(params)  # on the film as decoded, as in serving: before any augmentation
             + keep("acquisition", RandomAcquisition(probability=acquisition_probability))
             + [RandomFrame(probability=frame_probability), _resize(params)]
-            + (keep("crop", T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25))) or [T.CenterCrop(size)])
+            + (keep("crop", T.RandomResizedCrop(size, scale=(crop_scale, 1.0), ratio=(0.8, 1.25)))
+               or [T.CenterCrop(size)])
             + keep("affine", T.RandomAffine(
                 degrees=affine_degrees,
                 translate=(affine_translate, affine_translate) if affine_translate else None,  # None: no draw

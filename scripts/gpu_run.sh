@@ -123,6 +123,10 @@ compare)
     # Border trimming (--trim-borders): the tutorial with equalisation, alone and with random resized crops
     options[tutorial_equalize_trim]="${options[tutorial_equalize]} --trim-borders"
     options[tutorial_equalize_crop_trim]="${options[tutorial_equalize_crop]} --trim-borders"
+    # Milder framing moves with trimming: centred zooms of 0.8-1.2 in place of crops, or crops that keep 70 % of the area
+    options[tutorial_equalize_zoom_trim]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop erasing)\
+ --affine-degrees 20 --affine-translate 0 --affine-scale 0.2 --hflip 0.5 --trim-borders"
+    options[tutorial_equalize_crop70_trim]="${options[tutorial_equalize_crop_trim]} --crop-scale 0.7"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done

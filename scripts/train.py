@@ -14,6 +14,7 @@ from model.transforms import (  # noqa: E402
     AFFINE_DEGREES,
     AFFINE_SCALE,
     AFFINE_TRANSLATE,
+    CROP_SCALE,
     INTENSITY_MODES,
     RECIPES,
     RESIZE_MODES,
@@ -38,6 +39,7 @@ def bounded(low, high, kind):
 probability = bounded(0, 1, "a share")
 degrees = bounded(0, 180, "an angle")
 scale_change = bounded(0, 0.9, "a change of scale")
+crop_share = bounded(0.05, 1, "a share of the film")
 
 
 def get_args_parser():
@@ -83,6 +85,9 @@ def get_args_parser():
     parser.add_argument("--affine-scale", type=scale_change, default=AFFINE_SCALE, metavar="F",
                         help="robust recipe: largest change of scale of the random affine moves, either way "
                              "(default %(default)s, i.e. 0.9-1.1; 0: no scaling)")
+    parser.add_argument("--crop-scale", type=crop_share, default=CROP_SCALE, metavar="F",
+                        help="robust recipe: smallest share of the film's area that the random resized crop keeps "
+                             "(default %(default)s; higher is milder)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))
