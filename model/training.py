@@ -125,6 +125,9 @@ def train(args):
     for name, value in robust_settings.items():
         if value != ROBUST_SETTINGS[name] and args.recipe != "robust":
             raise CovidScanError(f"--{name.replace('_', '-')} applies to --recipe robust only")
+    left_out = getattr(args, "robust_without", None) or ()
+    if robust_settings["crop_scale"] != ROBUST_SETTINGS["crop_scale"] and "crop" in left_out:
+        raise CovidScanError("--crop-scale sets the robust recipe's crops, which --robust-without crop leaves out")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)
     if device.type == "cuda" and world_size > 1:

@@ -434,6 +434,23 @@ def test_affine_translate_and_scale_set_or_switch_off_the_shifts_and_scaling():
             build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", **{name: 0.0})
 
 
+def test_crop_scale_sets_the_smallest_area_the_robust_recipes_crops_keep():
+    params = eval_transform_params(image_size=32, recipe="robust")
+
+    def crop(**options):
+        steps = build_train_transform(params, recipe="robust", **options).transforms
+        return next(step for step in steps if type(step).__name__ == "RandomResizedCrop")
+
+    assert crop().scale == (0.6, 1.0)
+    assert crop(crop_scale=0.7).scale == (0.7, 1.0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        build_train_transform(params, recipe="robust", crop_scale=1.2)
+    with pytest.raises(ValueError, match="robust recipe only"):
+        build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", crop_scale=0.7)
+    with pytest.raises(ValueError, match="crops, which are left out"):
+        build_train_transform(params, recipe="robust", without=("crop",), crop_scale=0.7)
+
+
 def test_robust_recipe_without_moves_is_the_eval_transform():
     # With no rotation, shifts or scaling and every other augmentation left out, a training film must come out
     # exactly as at evaluation; the default shifts and scaling must move it

@@ -306,6 +306,9 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("affine_out_of_range", "argument --affine-degrees: 200 is not an angle between 0 and 180"),
         ("translate_of_tutorial", "--affine-translate applies to --recipe robust only"),
         ("scale_out_of_range", "argument --affine-scale: 0.95 is not a change of scale between 0 and 0.9"),
+        ("crop_scale_of_tutorial", "--crop-scale applies to --recipe robust only"),
+        ("crop_scale_without_crops", "--crop-scale sets the robust recipe's crops, which --robust-without crop"),
+        ("crop_scale_out_of_range", "argument --crop-scale: 0 is not a share of the film between 0.05 and 1"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -337,6 +340,12 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
         extra = ["--recipe", "tutorial", "--affine-translate", "0"]
     elif case == "scale_out_of_range":
         extra = ["--affine-scale", "0.95"]
+    elif case == "crop_scale_of_tutorial":
+        extra = ["--recipe", "tutorial", "--crop-scale", "0.7"]
+    elif case == "crop_scale_without_crops":
+        extra = ["--recipe", "robust", "--robust-without", "crop", "--crop-scale", "0.7"]
+    elif case == "crop_scale_out_of_range":
+        extra = ["--crop-scale", "0"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
