@@ -310,11 +310,16 @@ class PerturbedImages(Dataset):
         return self.transform(image), int(self.split.targets[index])
 
 
-def predict_split(network, transform, split, *, perturbation=None, seed=0, batch_size=32, workers=0, device="cpu"):
-    """Logits and pooled penultimate features (global average of the last block = the input of ``fc``)."""
+def predict_split(network, transform, split, *, perturbation=None, seed=0, batch_size=32, workers=0, device="cpu",
+                  view_shares=None):
+    """Logits and pooled penultimate features (global average of the last block = the input of ``fc``).
+
+    ``view_shares``: average both over centred crops keeping these area shares (``engine.centre_crops``).
+    """
     loader = DataLoader(PerturbedImages(split, transform, perturbation, seed), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
-    logits, features, _ = predict_logits(network, loader, torch.device(device), with_features=True)
+    logits, features, _ = predict_logits(network, loader, torch.device(device), with_features=True,
+                                         view_shares=view_shares)
     return logits, features
 
 
@@ -358,14 +363,14 @@ def per_source_metrics(targets, probabilities, sources, class_names):
 
 
 def perturbation_stability(network, transform, split, clean_predictions, perturbations, *, seed=0, batch_size=32,
-                           workers=0, device="cpu"):
+                           workers=0, device="cpu", view_shares=None):
     """Flip rate (prediction changed vs the clean one) and accuracy for each perturbation, overall and per source."""
     sources = np.asarray(split.sources)
     clean_accuracy = float((clean_predictions == split.targets).mean())
     results = {}
     for number, perturbation in enumerate(perturbations, start=1):
         logits, _ = predict_split(network, transform, split, perturbation=perturbation, seed=seed,
-                                  batch_size=batch_size, workers=workers, device=device)
+                                  batch_size=batch_size, workers=workers, device=device, view_shares=view_shares)
         predictions = logits.argmax(axis=1)
         flipped = predictions != clean_predictions
         accuracy = float((predictions == split.targets).mean())
@@ -439,8 +444,12 @@ def source_probe(features, targets, sources, class_names, *, min_images=MIN_PROB
 
 
 def run_audit(checkpoint_path, data_dir, output_dir, *, manifest=None, limit=None, seed=0, batch_size=32, workers=2,
-              device="cpu", perturbations=None, loso_json=None, min_probe_images=MIN_PROBE_IMAGES):
-    """Run parts 1-3 on one split (and attach a LOSO result); write audit.md, audit.json and plots; return the dict."""
+              device="cpu", perturbations=None, loso_json=None, min_probe_images=MIN_PROBE_IMAGES, view_shares=None):
+    """Run parts 1-3 on one split (and attach a LOSO result); write audit.md, audit.json and plots; return the dict.
+
+    ``view_shares``: predict by averaging over centred crops keeping these area shares (test-time crops, an
+    experiment; serving does not do this); None or (1,) is the model as served.
+    """
     started = time.perf_counter()
     checkpoint = load_checkpoint(checkpoint_path)
     output_dir = Path(output_dir)
@@ -450,7 +459,7 @@ def run_audit(checkpoint_path, data_dir, output_dir, *, manifest=None, limit=Non
     split = load_split(data_dir, class_names, manifest, limit=limit, seed=seed).decode()
     transform = build_eval_transform(checkpoint["transform"])
     network = build_model_from_checkpoint(checkpoint).to(device)
-    options = {"batch_size": batch_size, "workers": workers, "device": device}
+    options = {"batch_size": batch_size, "workers": workers, "device": device, "view_shares": view_shares}
 
     logger.info("clean pass over %d images", len(split.paths))
     logits, features = predict_split(network, transform, split, **options)
@@ -477,6 +486,7 @@ def run_audit(checkpoint_path, data_dir, output_dir, *, manifest=None, limit=Non
         "manifest": str(manifest),
         "limit": limit,
         "seed": seed,
+        "test_time_crops": list(view_shares) if view_shares else None,
         "n": len(split.paths),
         "class_names": class_names,
         "sources": split.source_repos,
@@ -534,6 +544,9 @@ def format_report(result):
         + ")",
         f"- eval transform: {transform['image_size']} px, {transform['resize_mode']}, "
         f"intensity {transform['intensity']}",
+        *([f"- test-time crops (an experiment, not what serving does): logits averaged over centred crops keeping "
+           f"{', '.join(f'{share:g}' for share in result['test_time_crops'])} of the area"]
+          if result.get("test_time_crops") else []),
         f"- data: `{result['data']}`, {result['n']} images{subset}",
         f"- sources: " + ", ".join(f"`{tag}` = {repo}" for tag, repo in sorted(result["sources"].items())),
         f"- overall accuracy {percent(result['overall']['accuracy'])}, macro-F1 {result['overall']['macro_f1']:.3f}",

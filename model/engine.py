@@ -79,14 +79,37 @@ def backward_and_step(loss, optimizer, scaler=None):
         optimizer.step()
 
 
+def centre_crops(images, shares):
+    """Centred crops of a batch of model inputs, each keeping a share of the area and resized back to full size.
+
+    Share 1 is the batch itself. Averaging a network's logits over such views (``predict_logits(view_shares=)``)
+    makes its prediction depend less on exactly where the film was framed.
+    """
+    height, width = images.shape[-2:]
+    for share in shares:
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"a view keeps a share of the area in (0, 1], not {share}")
+        side = share ** 0.5
+        crop_height, crop_width = max(1, round(height * side)), max(1, round(width * side))
+        if (crop_height, crop_width) == (height, width):
+            yield images
+            continue
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
+        crop = images[..., top:top + crop_height, left:left + crop_width]
+        yield torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False,
+                                              antialias=True)
+
+
 @torch.inference_mode()
 def predict_logits(network, loader, device, *, channels_last=False, progress=False, description="eval",
-                   with_features=False, feature_grid=1):
+                   with_features=False, feature_grid=1, view_shares=None):
     """Run ``network`` over ``loader``; return (logits, targets) as numpy arrays.
 
     With ``with_features`` also return the last block's activations average-pooled onto a ``feature_grid``
     square (grid 1: the penultimate features, the input of ``fc``): (logits, features, targets).
+    With ``view_shares`` (area shares, see ``centre_crops``) the logits and features are averages over those views.
     """
+    views = tuple(view_shares or (1.0,))
     network.eval()
     all_logits, all_features, all_targets = [], [], []
     handle = None
@@ -99,7 +122,10 @@ def predict_logits(network, loader, device, *, channels_last=False, progress=Fal
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            all_logits.append(network(images).float().cpu())
+            logits = [network(view).float().cpu() for view in centre_crops(images, views)]
+            all_logits.append(torch.stack(logits).mean(0))
+            if with_features and len(views) > 1:  # the hook appended one entry per view
+                all_features[-len(views):] = [torch.stack(all_features[-len(views):]).mean(0)]
             all_targets.append(targets)
     finally:
         if handle is not None:

@@ -11,6 +11,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.errors import CovidScanError  # noqa: E402
 
 
+def area_share(text):
+    """argparse type: a share of the image's area in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of the area in (0, 1]")
+    return value
+
+
+def select_perturbations(text):
+    """The perturbations named by ``--perturbations`` (all, none or a comma-separated list of names)."""
+    from model.audit import perturbation_suite
+
+    suite = perturbation_suite()
+    if text == "all":
+        return suite
+    if text == "none":
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - {perturbation.name for perturbation in suite})
+    if unknown:
+        raise CovidScanError(f"--perturbations: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(perturbation.name for perturbation in suite)}")
+    return [perturbation for perturbation in suite if perturbation.name in names]
+
+
 def get_args_parser():
     """Command-line options of the audit script."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -28,6 +56,12 @@ def get_args_parser():
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--min-probe-images", type=int, default=10,
                         help="a source takes part in the source probe with at least this many images of the class")
+    parser.add_argument("--perturbations", default="all", metavar="all|none|NAME[,NAME...]",
+                        help="the perturbation suite, none of it (per-source metrics and the probe only), or the "
+                             "named perturbations (names as in audit.json)")
+    parser.add_argument("--test-time-crops", type=area_share, nargs="+", default=None, metavar="SHARE",
+                        help="an experiment: average the model's logits over centred crops keeping these shares "
+                             "of the area (e.g. 1 0.86 0.74); serving does not do this")
     parser.add_argument("--loso-json", default=None, help="loso.json from scripts/loso.py, shown as part 4")
     parser.add_argument("--heatmaps", default="also", choices=("also", "only", "off"),
                         help="where the heatmaps lie per class and source (model/heatmap_audit.py), written to "
@@ -51,7 +85,9 @@ def main(args):
     try:
         if args.heatmaps != "only":
             result = run_audit(args.checkpoint, args.data, args.output_dir, loso_json=args.loso_json,
-                               min_probe_images=args.min_probe_images, **options)
+                               min_probe_images=args.min_probe_images,
+                               perturbations=select_perturbations(args.perturbations),
+                               view_shares=args.test_time_crops, **options)
             print(format_summary(result))
             print(f"wrote {Path(args.output_dir) / REPORT_NAME}, audit.json and plots")
         if args.heatmaps != "off":

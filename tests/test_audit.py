@@ -357,3 +357,65 @@ def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(
     assert failed.returncode != 0
     assert failed.stderr.strip().splitlines()[-1] == (
         "error: cannot merge LOSO runs with different configurations (they differ in recipe)")
+
+
+def test_centre_crops_keep_the_centre_at_the_asked_share_of_the_area():
+    from model.engine import centre_crops
+
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    whole, quarter = list(centre_crops(images, (1.0, 0.25)))
+    assert whole is images
+    assert quarter.shape == images.shape
+    expected = torch.nn.functional.interpolate(images[..., 2:6, 2:6], size=(8, 8), mode="bilinear",
+                                               align_corners=False, antialias=True)
+    assert torch.equal(quarter, expected)
+    assert not torch.equal(quarter, images)
+    flat = torch.full((1, 1, 10, 10), 0.5)
+    assert torch.allclose(next(centre_crops(flat, (0.7,))), flat)  # a crop of a flat image stays flat
+    with pytest.raises(ValueError, match=r"share of the area in \(0, 1\]"):
+        list(centre_crops(images, (1.5,)))
+
+
+def test_test_time_crops_average_logits_and_features_over_the_views(tiny_checkpoint_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from model.engine import centre_crops, predict_logits
+
+    network = build_model_from_checkpoint(load_checkpoint(tiny_checkpoint_path)).eval()
+    torch.manual_seed(0)
+    images = torch.randn(5, 3, 64, 64)
+    loader = DataLoader(TensorDataset(images, torch.zeros(5, dtype=torch.long)), batch_size=2)
+    shares = (1.0, 0.8, 0.6)
+    logits, features, targets = predict_logits(network, loader, torch.device("cpu"), with_features=True,
+                                               view_shares=shares)
+    plain_logits, plain_features, _ = predict_logits(network, loader, torch.device("cpu"), with_features=True)
+    assert logits.shape == plain_logits.shape == (5, 3) and features.shape == plain_features.shape
+    assert len(targets) == 5
+    with torch.inference_mode():
+        views = list(centre_crops(images, shares))
+        expected = torch.stack([network(view) for view in views]).mean(0).numpy()
+        backbone = torch.nn.Sequential(*list(network.children())[:-1])  # up to the global average pool
+        pooled = torch.stack([backbone(view).flatten(1) for view in views]).mean(0).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features, pooled, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(logits, plain_logits)
+
+
+def test_audit_cli_runs_a_chosen_part_of_the_suite_with_test_time_crops(audit_root, tiny_checkpoint_path,
+                                                                       tmp_path):
+    common = ["--checkpoint", tiny_checkpoint_path, "--data", audit_root / "test", "--workers", "0",
+              "--min-probe-images", MIN_PROBE_IMAGES, "--heatmaps", "off"]
+    run_script("audit.py", *common, "--output-dir", tmp_path / "none", "--perturbations", "none",
+               "--test-time-crops", "1", "0.8")
+    result = json.loads((tmp_path / "none" / "audit.json").read_text())
+    assert result["perturbations"] == {} and result["test_time_crops"] == [1.0, 0.8]
+    assert result["perturbation_summary"]["mean_flip_rate"] is None
+    assert "centred crops keeping 1, 0.8 of the area" in (tmp_path / "none" / "audit.md").read_text()
+    run_script("audit.py", *common, "--output-dir", tmp_path / "two", "--perturbations", "border_pad_7,gamma_0.6")
+    result = json.loads((tmp_path / "two" / "audit.json").read_text())
+    assert sorted(result["perturbations"]) == ["border_pad_7", "gamma_0.6"] and result["test_time_crops"] is None
+    for arguments, message in ((["--perturbations", "gamma_9"], "--perturbations: unknown gamma_9; choose from"),
+                               (["--test-time-crops", "0"], "0 is not a share of the area in (0, 1]")):
+        completed = run_script("audit.py", *common, "--output-dir", tmp_path / "bad", *arguments, check=False)
+        assert completed.returncode != 0 and message in completed.stderr
+        assert "Traceback" not in completed.stderr
