@@ -364,8 +364,10 @@ def per_source_metrics(targets, probabilities, sources, class_names):
 
 def perturbation_stability(network, transform, split, clean_predictions, perturbations, *, seed=0, batch_size=32,
                            workers=0, device="cpu", view_shares=None):
-    """Flip rate (prediction changed vs the clean one) and accuracy for each perturbation, overall and per source."""
+    """Flip rate (prediction changed vs the clean one) and accuracy for each perturbation, overall and per source,
+    and the sensitivity of each (class, source) group under it ("CLASS:SOURCE")."""
     sources = np.asarray(split.sources)
+    groups = sorted({(int(target), source) for target, source in zip(split.targets, split.sources)})
     clean_accuracy = float((clean_predictions == split.targets).mean())
     results = {}
     for number, perturbation in enumerate(perturbations, start=1):
@@ -381,6 +383,11 @@ def perturbation_stability(network, transform, split, clean_predictions, perturb
             "accuracy_change": accuracy - clean_accuracy,
             "flip_rate_by_source": {source: float(flipped[sources == source].mean())
                                     for source in sorted(set(split.sources))},
+            "sensitivity_by_class_source": {
+                f"{split.class_names[target]}:{source}":
+                    float((predictions[(split.targets == target) & (sources == source)] == target).mean())
+                for target, source in groups
+            },
         }
         logger.info("perturbation %d/%d %s: flip rate %.3f, accuracy %.3f",
                     number, len(perturbations), perturbation.name, flipped.mean(), accuracy)

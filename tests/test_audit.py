@@ -184,6 +184,9 @@ def test_identity_perturbation_never_flips_and_loso_table_is_included(audit_root
     assert np.count_nonzero(predicted.reshape(-1, 3).sum(axis=0)) >= 2, "the head should not predict one class only"
     assert result["perturbations"]["identity"]["flip_rate"] == 0.0
     assert result["perturbations"]["identity"]["accuracy_change"] == 0.0
+    # Unchanged images keep each (class, source) group's sensitivity exactly
+    assert result["perturbations"]["identity"]["sensitivity_by_class_source"] == {
+        f"{group['class']}:{group['source']}": group["sensitivity"] for group in result["per_class_source"]}
     assert max(result["perturbations"][name]["flip_rate"] for name in ("border_pad_7", "gamma_0.6")) > 0.0
     report = (tmp_path / "audit.md").read_text()
     assert "not run" not in report and "| NORMAL | `srca` |" in report
