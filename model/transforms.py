@@ -223,8 +223,8 @@ def content_box(image):
     along itself (and each column along itself, so that no content leaks across the border's edge), so that sensor
     noise or JPEG ringing in a border does not hide it. Anatomy is never that flat; outer air can be, and is then
     trimmed too. Repeated inside the box found until it no longer shrinks (at most 4 passes), so that a film framed
-    on some sides and the same film unframed come out alike. At most 35 % of the film goes from any one side; a film flat all over is
-    kept whole.
+    on some sides and the same film unframed come out alike. At most 35 % of the film goes from any one side; a film
+    flat all over is kept whole.
     """
     probe = image.copy()
     probe.thumbnail((BORDER_PROBE_SIDE, BORDER_PROBE_SIDE), Image.BOX)
