@@ -812,7 +812,8 @@ def build_holdout_folder(entries, class_name, source, folder):
 # Options recorded only when set away from their default (the value here), so that folds run before an option
 # existed still match a rerun that leaves it off; the LOSO report names them
 _LOSO_OPTIONS = {"intensity": None, "resize": None, "trim_borders": False, "random_frame": 0.0, "hflip": 0.0,
-                 "robust_without": None, "source_adversary": 0.0, **ROBUST_SETTINGS}
+                 "robust_without": None, "source_adversary": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+                 "label_smoothing": 0.0, **ROBUST_SETTINGS}
 
 
 def _option_set(key, value):

@@ -15,12 +15,15 @@ logger = logging.getLogger(__name__)
 
 
 def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, epoch, *, scaler=None,
-                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False, adversary=None):
+                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False, adversary=None,
+                    mixing=None):
     """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s.
 
     With ``ema`` (a weight average) update it every ``ema_every`` steps; ``ema_restart`` (warm-up epochs)
     makes it copy the weights instead of averaging them. With ``adversary`` (a ``SourceAdversary``) the
-    loader yields ``(images, (classes, sources))`` and its loss joins the class loss.
+    loader yields ``(images, (classes, sources))`` and its loss joins the class loss. With ``mixing``
+    (``model.transforms.batch_mixing``) each batch is mixed on the device and the loss takes its soft targets;
+    train accuracy then counts the class with the larger share of each mixed film.
     """
     network.train()
     # Sums stay on the device: a .item() per step would stall the CPU until the GPU caught up, every step.
@@ -33,11 +36,15 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
         if isinstance(targets, (list, tuple)):
             targets, sources = targets[0], targets[1].to(device, non_blocking=True)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        loss_targets = targets
+        if mixing is not None:
+            images, loss_targets = mixing(images, targets)
+            targets = loss_targets.argmax(dim=1)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             logits = network(images)
-            class_loss = loss = criterion(logits, targets)
+            class_loss = loss = criterion(logits, loss_targets)
             if adversary is not None and sources is not None:
                 adversary_loss, correct = adversary.loss(targets, sources)
                 loss = class_loss + adversary_loss

@@ -29,6 +29,7 @@ from model.metrics import compute_metrics, softmax
 from model.network import build_model
 from model.transforms import (
     ROBUST_SETTINGS,
+    batch_mixing,
     build_eval_transform,
     build_train_transform,
     eval_transform_params,
@@ -128,6 +129,10 @@ def train(args):
     left_out = getattr(args, "robust_without", None) or ()
     if robust_settings["crop_scale"] != ROBUST_SETTINGS["crop_scale"] and "crop" in left_out:
         raise CovidScanError("--crop-scale sets the robust recipe's crops, which --robust-without crop leaves out")
+    mixup_alpha, cutmix_alpha = getattr(args, "mixup_alpha", 0.0), getattr(args, "cutmix_alpha", 0.0)
+    if (mixup_alpha or cutmix_alpha) and getattr(args, "source_adversary", 0.0) > 0:
+        raise CovidScanError("--source-adversary needs each film's own class; it cannot be combined with "
+                             "--mixup-alpha or --cutmix-alpha")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)
     if device.type == "cuda" and world_size > 1:
@@ -152,6 +157,7 @@ def train(args):
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )
     class_names = train_set.classes
+    mixing = batch_mixing(len(class_names), mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
     logger.info("classes %s; train %s; val %s", class_names, class_counts(train_set), class_counts(val_set))
 
     sampler = None
@@ -273,7 +279,7 @@ def train(args):
             model_for_training, criterion, optimizer, scheduler, train_loader, device, epoch,
             scaler=scaler, channels_last=channels_last, progress=args.progress,
             ema=ema, ema_every=getattr(args, "model_ema_steps", 1), ema_restart=epoch < args.warmup_epochs,
-            adversary=adversary,
+            adversary=adversary, mixing=mixing,
         )
         stop = False
         if distributed.is_main_process():

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from model.errors import InvalidImageError, UnsupportedImageError
 from model.ood import colourfulness
@@ -492,3 +493,21 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             + keep("erasing", T.RandomErasing(p=0.3, scale=(0.01, 0.06), value=0))
         )
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
+
+
+def batch_mixing(num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """Mixup and/or CutMix on whole batches, as in torchvision's reference scripts, or None when both are off.
+
+    The returned callable takes ``(images, class_indices)`` and gives mixed images and soft targets (one row of class
+    weights per image). Mixup averages each film with its neighbour in the batch, weight drawn from
+    Beta(``mixup_alpha``, ``mixup_alpha``); CutMix pastes a box of the neighbour, its share of the area drawn from
+    Beta(``cutmix_alpha``, ``cutmix_alpha``). With both on, each batch gets one of the two at random.
+    """
+    for name, alpha in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)):
+        if not alpha >= 0:  # also refuses NaN
+            raise ValueError(f"the {name} alpha must be 0 (off) or positive, not {alpha}")
+    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + (
+        [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

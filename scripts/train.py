@@ -40,6 +40,7 @@ probability = bounded(0, 1, "a share")
 degrees = bounded(0, 180, "an angle")
 scale_change = bounded(0, 0.9, "a change of scale")
 crop_share = bounded(0.05, 1, "a share of the film")
+beta_parameter = bounded(0, 100, "a Beta parameter (0: off)")
 
 
 def get_args_parser():
@@ -95,6 +96,12 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--mixup-alpha", type=beta_parameter, default=0.0, metavar="A",
+                        help="mixup: train on averages of two films and of their labels, weight drawn from "
+                             "Beta(A, A); 0 (default) is off, torchvision's recipes use 0.2")
+    parser.add_argument("--cutmix-alpha", type=beta_parameter, default=0.0, metavar="A",
+                        help="CutMix: paste a box of one film into another, labels weighted by area, share drawn "
+                             "from Beta(A, A); 0 (default) is off. With --mixup-alpha, each batch gets one of the two")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--class-weighting", default="loss", choices=("loss", "none"),
                         help="inverse-frequency class weights in the loss")

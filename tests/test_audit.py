@@ -336,6 +336,8 @@ def test_loso_config_records_options_only_away_from_their_defaults():
     assert "trim_borders" not in audit._loso_config(argparse.Namespace(**base, trim_borders=False), 6)
     trimmed = audit._loso_config(argparse.Namespace(**base, trim_borders=True), 6)
     assert trimmed["trim_borders"] is True
+    mixed = audit._loso_config(argparse.Namespace(**base, mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.0), 6)
+    assert mixed["mixup_alpha"] == 0.2 and not {"cutmix_alpha", "label_smoothing"} & set(mixed)
     assert "recipe robust, trim borders True," in audit.format_loso_markdown(
         {"config": {**trimmed, "weights": "none"}, "wall_seconds": 60, "folds": []})
 

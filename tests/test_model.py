@@ -22,6 +22,7 @@ from model.network import build_model
 from model.transforms import (
     RandomAcquisition,
     TrimBorders,
+    batch_mixing,
     build_eval_transform,
     build_train_transform,
     content_box,
@@ -449,6 +450,24 @@ def test_crop_scale_sets_the_smallest_area_the_robust_recipes_crops_keep():
         build_train_transform(eval_transform_params(image_size=32), recipe="tutorial", crop_scale=0.7)
     with pytest.raises(ValueError, match="crops, which are left out"):
         build_train_transform(params, recipe="robust", without=("crop",), crop_scale=0.7)
+
+
+def test_batch_mixing_mixes_films_and_labels_with_the_same_weight():
+    assert batch_mixing(3) is None  # both off: no random draw, the batch is left alone
+    torch.manual_seed(0)
+    images = torch.stack([torch.full((1, 4, 4), float(value)) for value in (0.0, 10.0, 20.0, 30.0)])
+    labels = torch.tensor([0, 1, 2, 0])
+    mixed, targets = batch_mixing(3, mixup_alpha=0.2)(images, labels)
+    assert targets.shape == (4, 3) and torch.allclose(targets.sum(dim=1), torch.ones(4))
+    weight = targets[1, 1]  # film 1 keeps its own label with the weight it keeps of its own pixels
+    assert 0 < weight < 1
+    assert torch.allclose(mixed[1], weight * images[1] + (1 - weight) * images[0])
+    assert torch.allclose(mixed[0], weight * images[0] + (1 - weight) * images[3])  # its neighbour wraps around
+    cut, cut_targets = batch_mixing(3, cutmix_alpha=1.0)(images, labels)
+    pasted = (cut[1] == images[0]).float().mean()  # a box of film 0 pasted into film 1, label weighted by area
+    assert torch.allclose(cut_targets[1, 0], pasted) and set(cut[1].unique().tolist()) <= {0.0, 10.0}
+    with pytest.raises(ValueError, match="mixup alpha must be 0 .off. or positive"):
+        batch_mixing(3, mixup_alpha=-0.1)
 
 
 def test_robust_recipe_without_moves_is_the_eval_transform():

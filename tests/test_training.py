@@ -162,6 +162,34 @@ def test_fit_time_limit_ends_the_decay_inside_the_limit(image_folder, tmp_path):
     assert "end_epoch" not in torch.load(output / "best.pt", weights_only=True)
 
 
+def test_mixing_trains_on_soft_targets_and_is_recorded(image_folder, tmp_path):
+    from model.engine import train_one_epoch
+    from model.transforms import batch_mixing
+
+    seen = []
+
+    def criterion(logits, targets):
+        seen.append(targets)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    loader = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))] * 2
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    plain = train_one_epoch(network, criterion, optimizer, scheduler, loader, torch.device("cpu"), 0, progress=False)
+    assert all(targets.dtype == torch.int64 for targets in seen)
+    seen.clear()
+    stats = train_one_epoch(network, criterion, optimizer, scheduler, loader, torch.device("cpu"), 0, progress=False,
+                            mixing=batch_mixing(3, mixup_alpha=0.4))
+    assert all(targets.shape == (4, 3) and targets.dtype == torch.float32 for targets in seen)
+    assert 0 <= stats["train_accuracy"] <= 1 and 0 <= plain["train_accuracy"] <= 1
+    completed = run_script("train.py", "--data", image_folder, "--output-dir", tmp_path, "--epochs", "1",
+                           "--recipe", "tutorial", "--mixup-alpha", "0.2", "--cutmix-alpha", "1", *TRAIN_ARGS)
+    assert "Traceback" not in completed.stderr
+    args = load_checkpoint(tmp_path / "best.pt")["args"]
+    assert (args["mixup_alpha"], args["cutmix_alpha"]) == (0.2, 1.0)
+
+
 def test_gradient_reversal_flips_the_gradient_and_nothing_else():
     from model.adversary import GradientReversal
 
@@ -309,6 +337,8 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("crop_scale_of_tutorial", "--crop-scale applies to --recipe robust only"),
         ("crop_scale_without_crops", "--crop-scale sets the robust recipe's crops, which --robust-without crop"),
         ("crop_scale_out_of_range", "argument --crop-scale: 0 is not a share of the film between 0.05 and 1"),
+        ("mixup_with_adversary", "it cannot be combined with --mixup-alpha or --cutmix-alpha"),
+        ("mixup_out_of_range", "argument --mixup-alpha: 200 is not a Beta parameter (0: off) between 0 and 100"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -346,6 +376,10 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
         extra = ["--recipe", "robust", "--robust-without", "crop", "--crop-scale", "0.7"]
     elif case == "crop_scale_out_of_range":
         extra = ["--crop-scale", "0"]
+    elif case == "mixup_with_adversary":
+        extra = ["--mixup-alpha", "0.2", "--source-adversary", "0.5"]
+    elif case == "mixup_out_of_range":
+        extra = ["--mixup-alpha", "200"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
