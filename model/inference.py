@@ -13,7 +13,7 @@ from model.cam import cam_to_image_space, class_activation_maps, overlay_heatmap
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
 from model.ood import activation_score, input_check_reasons
 from model.runtime import build_runtime_for_predictor
-from model.transforms import build_eval_transform, decode_upload, seen_box
+from model.transforms import box_in_pixels, build_eval_transform, decode_upload, seen_box
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class Predictor:
         self.class_names = list(checkpoint["class_names"])
         self.transform_params = checkpoint["transform"]
         self.transform = build_eval_transform(self.transform_params)
+        # The same transform after its border trim, for a film whose trimming box is already known
+        self._transform_after_trim = build_eval_transform({**self.transform_params, "trim_borders": False})
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.ood_statistics = checkpoint.get("ood")
         self.device = torch.device(device)
@@ -69,9 +71,15 @@ class Predictor:
             "sha256": self.sha256,
         }
 
-    def preprocess(self, image):
-        """Eval transform of one grayscale PIL image into a batch of one."""
-        return self.transform(image).unsqueeze(0)
+    def preprocess(self, image, *, box=None):
+        """Eval transform of one grayscale PIL image into a batch of one.
+
+        ``box``: the image's ``seen_box`` when already found; a border-trimming checkpoint then crops to it instead
+        of finding it a second time (the same crop ``TrimBorders`` makes).
+        """
+        if box is None:
+            return self.transform(image).unsqueeze(0)
+        return self._transform_after_trim(image.crop(box_in_pixels(box, image.size))).unsqueeze(0)
 
     @torch.inference_mode()
     def forward(self, batch):
@@ -95,15 +103,15 @@ class Predictor:
     def predict_image(self, image, *, with_heatmap=True, start=None, input_reasons=()):
         """Predict one decoded grayscale image; ``input_reasons`` are failed input checks (they flag it as OOD)."""
         start = time.perf_counter() if start is None else start
-        logits, activations = self.forward(self.preprocess(image))
+        box = seen_box(self.transform_params, image) if with_heatmap else None  # found once, for input and heatmap
+        logits, activations = self.forward(self.preprocess(image, box=box))
         probabilities = self.probabilities_from_logits(logits)[0]
         index = int(probabilities.argmax())
         heatmap = None
         if with_heatmap:
             cam = class_activation_maps(activations, self.network.fc.weight, torch.tensor([index]))[0]
             display = _display_copy(image)
-            heat = cam_to_image_space(cam, self.transform_params, display.size,
-                                      content_box=seen_box(self.transform_params, image))
+            heat = cam_to_image_space(cam, self.transform_params, display.size, content_box=box)
             heatmap = overlay_heatmap(display, heat)
         return Prediction(
             label=self.class_names[index],

@@ -571,3 +571,19 @@ def test_a_trimming_model_gives_the_same_answer_with_or_without_a_black_frame():
     bare, framed = (predictor.predict_image(film) for film in (image, _framed(image, (20, 10, 15, 25), 0)))
     assert bare.probabilities == pytest.approx(framed.probabilities, abs=1e-5)
     assert framed.heatmap.size == (175, 195)
+
+
+def test_a_trimming_model_finds_the_box_once_per_film_for_input_and_heatmap(monkeypatch):
+    import model.transforms
+
+    network = build_model("resnet18", num_classes=3)
+    checkpoint = make_checkpoint(network, arch="resnet18", class_names=CLASS_NAMES,
+                                 transform=eval_transform_params(image_size=64, trim_borders=True))
+    predictor = Predictor(checkpoint)
+    framed = _framed(Image.fromarray(make_xray_array(seed=11, size=(160, 140)), mode="L"), (20, 10, 15, 25), 0)
+    expected = torch.softmax(predictor.forward(predictor.preprocess(framed))[0], dim=1)[0].tolist()
+    calls = []
+    monkeypatch.setattr(model.transforms, "content_box", lambda image: calls.append(1) or content_box(image))
+    prediction = predictor.predict_image(framed)
+    assert len(calls) == 1
+    assert list(prediction.probabilities.values()) == pytest.approx(expected, abs=1e-6)
