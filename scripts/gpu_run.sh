@@ -127,8 +127,10 @@ compare)
     options[tutorial_equalize_zoom_trim]="--recipe robust$(printf -- ' --robust-without %s' acquisition crop erasing)\
  --affine-degrees 20 --affine-translate 0 --affine-scale 0.2 --hflip 0.5 --trim-borders"
     options[tutorial_equalize_crop70_trim]="${options[tutorial_equalize_crop_trim]} --crop-scale 0.7"
-    # Mixing films: the framing-moves candidate that meets the flip targets, with mixup at torchvision's 0.2
+    # Mixing films: mixup at torchvision's 0.2 on the framing-moves candidate that meets the flip targets, and on
+    # the base without framing moves
     options[tutorial_equalize_crop70_trim_mixup]="${options[tutorial_equalize_crop70_trim]} --mixup-alpha 0.2"
+    options[tutorial_equalize_trim_mixup]="${options[tutorial_equalize_trim]} --mixup-alpha 0.2"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
