@@ -813,7 +813,7 @@ def build_holdout_folder(entries, class_name, source, folder):
 # existed still match a rerun that leaves it off; the LOSO report names them
 _LOSO_OPTIONS = {"intensity": None, "resize": None, "trim_borders": False, "random_frame": 0.0, "hflip": 0.0,
                  "robust_without": None, "source_adversary": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
-                 "label_smoothing": 0.0, **ROBUST_SETTINGS}
+                 "label_smoothing": 0.0, "consistency_weight": 0.0, **ROBUST_SETTINGS}
 
 
 def _option_set(key, value):

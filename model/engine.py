@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from model.distributed import all_reduce_sum, is_main_process
@@ -16,14 +17,17 @@ logger = logging.getLogger(__name__)
 
 def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, epoch, *, scaler=None,
                     channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False, adversary=None,
-                    mixing=None):
+                    mixing=None, consistency_weight=0.0):
     """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s.
 
     With ``ema`` (a weight average) update it every ``ema_every`` steps; ``ema_restart`` (warm-up epochs)
     makes it copy the weights instead of averaging them. With ``adversary`` (a ``SourceAdversary``) the
     loader yields ``(images, (classes, sources))`` and its loss joins the class loss. With ``mixing``
     (``model.transforms.batch_mixing``) each batch is mixed on the device and the loss takes its soft targets;
-    train accuracy then counts the class with the larger share of each mixed film.
+    train accuracy then counts the class with the larger share of each mixed film. With ``consistency_weight`` the
+    loader yields two views of each film (``model.transforms.TwoViews``): the class loss sees the first, and the
+    loss adds the weight times the Jensen-Shannon divergence between the predictions on the two (as AugMix does,
+    Hendrycks et al. 2020); both go through the network as one batch.
     """
     network.train()
     # Sums stay on the device: a .item() per step would stall the CPU until the GPU caught up, every step.
@@ -35,6 +39,9 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
         sources = None
         if isinstance(targets, (list, tuple)):
             targets, sources = targets[0], targets[1].to(device, non_blocking=True)
+        two_views = isinstance(images, (list, tuple))
+        if two_views:  # one forward pass over both views of each film
+            images = torch.cat(images)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         loss_targets = targets
         if mixing is not None:
@@ -44,7 +51,11 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             logits = network(images)
+            if two_views:
+                logits, second_logits = logits.split(len(targets))
             class_loss = loss = criterion(logits, loss_targets)
+            if two_views:
+                loss = class_loss + consistency_weight * jensen_shannon(logits, second_logits)
             if adversary is not None and sources is not None:
                 adversary_loss, correct = adversary.loss(targets, sources)
                 loss = class_loss + adversary_loss
@@ -72,6 +83,14 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
     if adversary is not None:  # how well the adversary still tells sources apart (single process only)
         stats["train_source_accuracy"] = source_correct / max(total_seen, 1)
     return stats
+
+
+def jensen_shannon(first_logits, second_logits):
+    """Mean Jensen-Shannon divergence (nats) between the class distributions of two batches of logits."""
+    first, second = first_logits.float().softmax(dim=1), second_logits.float().softmax(dim=1)
+    log_middle = ((first + second) / 2).clamp(1e-7, 1).log()
+    return (nn.functional.kl_div(log_middle, first, reduction="batchmean")
+            + nn.functional.kl_div(log_middle, second, reduction="batchmean")) / 2
 
 
 def backward_and_step(loss, optimizer, scaler=None):

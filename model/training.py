@@ -29,6 +29,7 @@ from model.metrics import compute_metrics, softmax
 from model.network import build_model
 from model.transforms import (
     ROBUST_SETTINGS,
+    TwoViews,
     batch_mixing,
     build_eval_transform,
     build_train_transform,
@@ -119,20 +120,29 @@ def _loader(dataset, args, *, shuffle, sampler=None):
 
 def train(args):
     """Run a full training job described by the parsed ``scripts/train.py`` arguments."""
-    if getattr(args, "robust_without", None) and args.recipe != "robust":
-        raise CovidScanError("--robust-without leaves augmentations out of --recipe robust only")
+    consistency_weight = getattr(args, "consistency_weight", 0.0)
+    # The robust recipe's settings shape its own films, or the consistency view (--consistency-weight)
+    robust_view = args.recipe == "robust" or consistency_weight > 0
+    if getattr(args, "robust_without", None) and not robust_view:
+        raise CovidScanError("--robust-without leaves augmentations out of --recipe robust only "
+                             "(or of the --consistency-weight view)")
     # Set away from their defaults with the tutorial recipe, the robust recipe's settings would be silently ignored
     robust_settings = {name: getattr(args, name, default) for name, default in ROBUST_SETTINGS.items()}
     for name, value in robust_settings.items():
-        if value != ROBUST_SETTINGS[name] and args.recipe != "robust":
-            raise CovidScanError(f"--{name.replace('_', '-')} applies to --recipe robust only")
+        if value != ROBUST_SETTINGS[name] and not robust_view:
+            raise CovidScanError(f"--{name.replace('_', '-')} applies to --recipe robust only "
+                                 "(or to the --consistency-weight view)")
     left_out = getattr(args, "robust_without", None) or ()
     if robust_settings["crop_scale"] != ROBUST_SETTINGS["crop_scale"] and "crop" in left_out:
         raise CovidScanError("--crop-scale sets the robust recipe's crops, which --robust-without crop leaves out")
     mixup_alpha, cutmix_alpha = getattr(args, "mixup_alpha", 0.0), getattr(args, "cutmix_alpha", 0.0)
-    if (mixup_alpha or cutmix_alpha) and getattr(args, "source_adversary", 0.0) > 0:
-        raise CovidScanError("--source-adversary needs each film's own class; it cannot be combined with "
-                             "--mixup-alpha or --cutmix-alpha")
+    for name, on in (("--source-adversary", getattr(args, "source_adversary", 0.0) > 0),
+                     ("--consistency-weight", consistency_weight > 0)):
+        if on and (mixup_alpha or cutmix_alpha):
+            raise CovidScanError(f"{name} needs each film's own class; it cannot be combined with "
+                                 "--mixup-alpha or --cutmix-alpha")
+    if consistency_weight > 0 and getattr(args, "source_adversary", 0.0) > 0:
+        raise CovidScanError("--consistency-weight and --source-adversary cannot be combined")
     device = torch.device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(device.type)
     if device.type == "cuda" and world_size > 1:
@@ -149,10 +159,16 @@ def train(args):
                                              intensity=getattr(args, "intensity", None),
                                              resize_mode=getattr(args, "resize", None),
                                              trim_borders=getattr(args, "trim_borders", False))
-    train_set = make_image_folder(data_root / "train", build_train_transform(
-        transform_params, recipe=args.recipe, frame_probability=getattr(args, "random_frame", 0.0),
-        flip_probability=getattr(args, "hflip", 0.0), without=getattr(args, "robust_without", None) or (),
-        **robust_settings))
+    robust_options = {"frame_probability": getattr(args, "random_frame", 0.0),
+                      "flip_probability": getattr(args, "hflip", 0.0), "without": left_out, **robust_settings}
+    if args.recipe == "robust":
+        train_transform = build_train_transform(transform_params, recipe="robust", **robust_options)
+    else:
+        train_transform = build_train_transform(transform_params, recipe=args.recipe)
+    if consistency_weight > 0:  # the class loss sees the recipe's view, the consistency term both
+        train_transform = TwoViews(train_transform,
+                                   build_train_transform(transform_params, recipe="robust", **robust_options))
+    train_set = make_image_folder(data_root / "train", train_transform)
     val_set = make_image_folder(
         data_root / "val", build_eval_transform(transform_params), class_names=train_set.classes
     )
@@ -279,7 +295,7 @@ def train(args):
             model_for_training, criterion, optimizer, scheduler, train_loader, device, epoch,
             scaler=scaler, channels_last=channels_last, progress=args.progress,
             ema=ema, ema_every=getattr(args, "model_ema_steps", 1), ema_restart=epoch < args.warmup_epochs,
-            adversary=adversary, mixing=mixing,
+            adversary=adversary, mixing=mixing, consistency_weight=consistency_weight,
         )
         stop = False
         if distributed.is_main_process():

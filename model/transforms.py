@@ -495,6 +495,20 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
 
 
+class TwoViews:
+    """Two independently augmented views of one film, ``(first(image), second(image))``: the recipe's view, which
+    the class loss sees, and the view a consistency loss compares it with (``--consistency-weight``)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, image):
+        return self.first(image), self.second(image)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(first={self.first!r}, second={self.second!r})"
+
+
 def batch_mixing(num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0):
     """Mixup and/or CutMix on whole batches, as in torchvision's reference scripts, or None when both are off.
 

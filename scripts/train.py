@@ -41,6 +41,7 @@ degrees = bounded(0, 180, "an angle")
 scale_change = bounded(0, 0.9, "a change of scale")
 crop_share = bounded(0.05, 1, "a share of the film")
 beta_parameter = bounded(0, 100, "a Beta parameter (0: off)")
+nonnegative = bounded(0, 1000, "a weight")
 
 
 def get_args_parser():
@@ -89,6 +90,11 @@ def get_args_parser():
     parser.add_argument("--crop-scale", type=crop_share, default=CROP_SCALE, metavar="F",
                         help="robust recipe: smallest share of the film's area that the random resized crop keeps "
                              "(default %(default)s; higher is milder)")
+    parser.add_argument("--consistency-weight", type=nonnegative, default=0.0, metavar="W",
+                        help="also draw each film through the robust recipe's augmentations (set by the options "
+                             "above) and add W times the Jensen-Shannon divergence between the predictions on the "
+                             "two views (AugMix's consistency loss; 0, the default, is off). The class loss sees "
+                             "only the recipe's own view")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))

@@ -338,6 +338,7 @@ def test_loso_config_records_options_only_away_from_their_defaults():
     assert trimmed["trim_borders"] is True
     mixed = audit._loso_config(argparse.Namespace(**base, mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.0), 6)
     assert mixed["mixup_alpha"] == 0.2 and not {"cutmix_alpha", "label_smoothing"} & set(mixed)
+    assert audit._loso_config(argparse.Namespace(**base, consistency_weight=12.0), 6)["consistency_weight"] == 12.0
     assert "recipe robust, trim borders True," in audit.format_loso_markdown(
         {"config": {**trimmed, "weights": "none"}, "wall_seconds": 60, "folds": []})
 

@@ -22,6 +22,7 @@ from model.network import build_model
 from model.transforms import (
     RandomAcquisition,
     TrimBorders,
+    TwoViews,
     batch_mixing,
     build_eval_transform,
     build_train_transform,
@@ -468,6 +469,11 @@ def test_batch_mixing_mixes_films_and_labels_with_the_same_weight():
     assert torch.allclose(cut_targets[1, 0], pasted) and set(cut[1].unique().tolist()) <= {0.0, 10.0}
     with pytest.raises(ValueError, match="mixup alpha must be 0 .off. or positive"):
         batch_mixing(3, mixup_alpha=-0.1)
+
+
+def test_two_views_draws_each_view_through_its_own_transform():
+    views = TwoViews(lambda image: ("first", image), lambda image: ("second", image))
+    assert views("film") == (("first", "film"), ("second", "film"))
 
 
 def test_robust_recipe_without_moves_is_the_eval_transform():

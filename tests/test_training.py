@@ -190,6 +190,50 @@ def test_mixing_trains_on_soft_targets_and_is_recorded(image_folder, tmp_path):
     assert (args["mixup_alpha"], args["cutmix_alpha"]) == (0.2, 1.0)
 
 
+def test_jensen_shannon_is_zero_for_equal_predictions_and_ln2_for_disjoint_ones():
+    from model.engine import jensen_shannon
+
+    sure = torch.tensor([[30.0, 0.0, 0.0], [0.0, 30.0, 0.0]])
+    other = torch.tensor([[0.0, 30.0, 0.0], [0.0, 0.0, 30.0]])
+    assert float(jensen_shannon(sure, sure)) == pytest.approx(0.0, abs=1e-6)
+    assert float(jensen_shannon(sure, other)) == pytest.approx(np.log(2), abs=1e-4)
+    unsure = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.0, 0.9]])
+    assert float(jensen_shannon(sure, unsure)) == pytest.approx(float(jensen_shannon(unsure, sure)))
+
+
+def test_consistency_loss_compares_two_views_and_the_class_loss_sees_the_first(image_folder, tmp_path):
+    from model.engine import train_one_epoch
+
+    def step(views, weight):
+        torch.manual_seed(0)
+        network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        seen = []
+
+        def criterion(logits, targets):
+            seen.append(logits.shape)
+            return torch.nn.functional.cross_entropy(logits, targets)
+
+        optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        train_one_epoch(network, criterion, optimizer, scheduler, [(views, torch.tensor([0, 1, 2, 0]))],
+                        torch.device("cpu"), 0, progress=False, consistency_weight=weight)
+        assert seen == [(4, 3)]  # the class loss: the first view only
+        return network[1].weight.detach().clone()
+
+    torch.manual_seed(1)
+    first, second = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    alone = step([first, first], 0.0)
+    assert torch.allclose(step([first, first], 12.0), alone)  # equal views: nothing to make consistent
+    assert not torch.allclose(step([first, second], 12.0), step([first, second], 0.0))
+    completed = run_script("train.py", "--data", image_folder, "--output-dir", tmp_path, "--epochs", "1",
+                           "--recipe", "tutorial", "--consistency-weight", "12", "--crop-scale", "0.7",
+                           "--robust-without", "erasing", *TRAIN_ARGS)
+    assert "Traceback" not in completed.stderr
+    checkpoint = load_checkpoint(tmp_path / "best.pt")
+    assert (checkpoint["args"]["consistency_weight"], checkpoint["args"]["crop_scale"]) == (12.0, 0.7)
+    assert checkpoint["transform"]["intensity"] == "none"  # the tutorial's eval transform, not the robust one
+
+
 def test_gradient_reversal_flips_the_gradient_and_nothing_else():
     from model.adversary import GradientReversal
 
@@ -339,6 +383,8 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path):
         ("crop_scale_out_of_range", "argument --crop-scale: 0 is not a share of the film between 0.05 and 1"),
         ("mixup_with_adversary", "it cannot be combined with --mixup-alpha or --cutmix-alpha"),
         ("mixup_out_of_range", "argument --mixup-alpha: 200 is not a Beta parameter (0: off) between 0 and 100"),
+        ("consistency_with_mixup", "--consistency-weight needs each film's own class; it cannot be combined"),
+        ("consistency_with_adversary", "--consistency-weight and --source-adversary cannot be combined"),
     ],
 )
 def test_training_errors_are_clear(case, message, image_folder, tmp_path):
@@ -380,6 +426,10 @@ def test_training_errors_are_clear(case, message, image_folder, tmp_path):
         extra = ["--mixup-alpha", "0.2", "--source-adversary", "0.5"]
     elif case == "mixup_out_of_range":
         extra = ["--mixup-alpha", "200"]
+    elif case == "consistency_with_mixup":
+        extra = ["--consistency-weight", "12", "--mixup-alpha", "0.2"]
+    elif case == "consistency_with_adversary":
+        extra = ["--consistency-weight", "12", "--source-adversary", "0.5"]
     arguments = ["--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", *TRAIN_ARGS, *extra]
     completed = run_script("train.py", *arguments, check=False)
     assert completed.returncode != 0
