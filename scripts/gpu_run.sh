@@ -131,6 +131,9 @@ compare)
     # the base without framing moves
     options[tutorial_equalize_crop70_trim_mixup]="${options[tutorial_equalize_crop70_trim]} --mixup-alpha 0.2"
     options[tutorial_equalize_trim_mixup]="${options[tutorial_equalize_trim]} --mixup-alpha 0.2"
+    # Consistency between views: the class loss on the tutorial_equalize_trim view, AugMix's Jensen-Shannon term
+    # (weight 12) against a view through the default robust recipe's augmentations
+    options[tutorial_equalize_trim_consistency]="${options[tutorial_equalize_trim]} --consistency-weight 12"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
