@@ -11,6 +11,7 @@ from tqdm import tqdm
 from model.distributed import all_reduce_sum, is_main_process
 from model.network import feature_layer
 from model.ood import pooled_features
+from model.transforms import mix_views
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
     train accuracy then counts the class with the larger share of each mixed film. With ``consistency_weight`` the
     loader yields two views of each film (``model.transforms.TwoViews``): the class loss sees the first, and the
     loss adds the weight times the Jensen-Shannon divergence between the predictions on the two (as AugMix does,
-    Hendrycks et al. 2020); both go through the network as one batch.
+    Hendrycks et al. 2020); both go through the network as one batch. With both, the two views of a film are
+    mixed alike (``model.transforms.mix_views``) and the class loss takes the first view's soft targets.
     """
     network.train()
     # Sums stay on the device: a .item() per step would stall the CPU until the GPU caught up, every step.
@@ -40,13 +42,12 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
         if isinstance(targets, (list, tuple)):
             targets, sources = targets[0], targets[1].to(device, non_blocking=True)
         two_views = isinstance(images, (list, tuple))
-        if two_views:  # one forward pass over both views of each film
-            images = torch.cat(images)
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss_targets = targets
-        if mixing is not None:
-            images, loss_targets = mixing(images, targets)
+        views = [view.to(device, non_blocking=True) for view in (images if two_views else [images])]
+        targets = loss_targets = targets.to(device, non_blocking=True)
+        if mixing is not None:  # both views of a film mixed alike: still two views of one (mixed) film
+            views, loss_targets = mix_views(mixing, views, targets)
             targets = loss_targets.argmax(dim=1)
+        images = torch.cat(views) if two_views else views[0]  # one forward pass over both views of each film
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, enabled=scaler is not None):

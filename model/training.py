@@ -136,11 +136,9 @@ def train(args):
     if robust_settings["crop_scale"] != ROBUST_SETTINGS["crop_scale"] and "crop" in left_out:
         raise CovidScanError("--crop-scale sets the robust recipe's crops, which --robust-without crop leaves out")
     mixup_alpha, cutmix_alpha = getattr(args, "mixup_alpha", 0.0), getattr(args, "cutmix_alpha", 0.0)
-    for name, on in (("--source-adversary", getattr(args, "source_adversary", 0.0) > 0),
-                     ("--consistency-weight", consistency_weight > 0)):
-        if on and (mixup_alpha or cutmix_alpha):
-            raise CovidScanError(f"{name} needs each film's own class; it cannot be combined with "
-                                 "--mixup-alpha or --cutmix-alpha")
+    if getattr(args, "source_adversary", 0.0) > 0 and (mixup_alpha or cutmix_alpha):
+        raise CovidScanError("--source-adversary needs each film's own class; it cannot be combined with "
+                             "--mixup-alpha or --cutmix-alpha")
     if consistency_weight > 0 and getattr(args, "source_adversary", 0.0) > 0:
         raise CovidScanError("--consistency-weight and --source-adversary cannot be combined")
     device = torch.device(args.device)

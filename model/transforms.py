@@ -7,6 +7,7 @@ import random
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 from torchvision.transforms import v2
@@ -525,3 +526,19 @@ def batch_mixing(num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0):
     if not mixes:
         return None
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+def mix_views(mixing, views, targets):
+    """Mix every view of one batch alike (``batch_mixing``): the same partner, weight and box for each view.
+
+    Each film's views then stay two views of one mixed film, which a consistency loss can compare. MixUp, CutMix
+    and the choice between them draw from torch's CPU generator, so each view replays the same draws.
+    Returns the mixed views and the batch's soft targets.
+    """
+    state = torch.get_rng_state()
+    mixed = []
+    for view in views:
+        torch.set_rng_state(state)
+        view, soft_targets = mixing(view, targets)
+        mixed.append(view)
+    return mixed, soft_targets

@@ -29,6 +29,7 @@ from model.transforms import (
     content_box,
     decode_image,
     eval_transform_params,
+    mix_views,
     seen_box,
 )
 
@@ -469,6 +470,17 @@ def test_batch_mixing_mixes_films_and_labels_with_the_same_weight():
     assert torch.allclose(cut_targets[1, 0], pasted) and set(cut[1].unique().tolist()) <= {0.0, 10.0}
     with pytest.raises(ValueError, match="mixup alpha must be 0 .off. or positive"):
         batch_mixing(3, mixup_alpha=-0.1)
+
+
+@pytest.mark.parametrize("alphas", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}])
+def test_mix_views_mixes_every_view_of_a_batch_alike(alphas):
+    torch.manual_seed(0)
+    images, labels = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    mixing = batch_mixing(3, **alphas)
+    for _ in range(5):  # several draws, so that both mixes of RandomChoice come up
+        (first, second, darker), targets = mix_views(mixing, [images, images.clone(), images / 2], labels)
+        assert torch.equal(first, second) and torch.allclose(darker, first / 2)  # same partner, weight and box
+        assert targets.shape == (4, 3) and torch.allclose(targets.sum(dim=1), torch.ones(4))
 
 
 def test_two_views_draws_each_view_through_its_own_transform():
