@@ -134,6 +134,8 @@ compare)
     # Consistency between views: the class loss on the tutorial_equalize_trim view, AugMix's Jensen-Shannon term
     # (weight 12) against a view through the default robust recipe's augmentations
     options[tutorial_equalize_trim_consistency]="${options[tutorial_equalize_trim]} --consistency-weight 12"
+    # ... and with mixup 0.2 on top, both views of a film mixed alike
+    options[tutorial_equalize_trim_consistency_mixup]="${options[tutorial_equalize_trim_consistency]} --mixup-alpha 0.2"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
