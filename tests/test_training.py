@@ -201,25 +201,29 @@ def test_jensen_shannon_is_zero_for_equal_predictions_and_ln2_for_disjoint_ones(
     assert float(jensen_shannon(sure, unsure)) == pytest.approx(float(jensen_shannon(unsure, sure)))
 
 
-def test_consistency_loss_compares_two_views_and_the_class_loss_sees_the_first(image_folder, tmp_path):
+def _two_view_step(views, weight, mixing=None):
+    """One training step of a tiny linear model on two views of 4 films; the weights it ends with."""
     from model.engine import train_one_epoch
 
-    def step(views, weight):
-        torch.manual_seed(0)
-        network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-        seen = []
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    seen = []
 
-        def criterion(logits, targets):
-            seen.append(logits.shape)
-            return torch.nn.functional.cross_entropy(logits, targets)
+    def criterion(logits, targets):
+        seen.append((tuple(logits.shape), tuple(targets.shape)))
+        return torch.nn.functional.cross_entropy(logits, targets)
 
-        optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        train_one_epoch(network, criterion, optimizer, scheduler, [(views, torch.tensor([0, 1, 2, 0]))],
-                        torch.device("cpu"), 0, progress=False, consistency_weight=weight)
-        assert seen == [(4, 3)]  # the class loss: the first view only
-        return network[1].weight.detach().clone()
+    optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_one_epoch(network, criterion, optimizer, scheduler, [(views, torch.tensor([0, 1, 2, 0]))],
+                    torch.device("cpu"), 0, progress=False, consistency_weight=weight, mixing=mixing)
+    # the class loss sees the first view only, with soft targets when mixed
+    assert seen == [((4, 3), (4, 3) if mixing else (4,))]
+    return network[1].weight.detach().clone()
 
+
+def test_consistency_loss_compares_two_views_and_the_class_loss_sees_the_first(image_folder, tmp_path):
+    step = _two_view_step
     torch.manual_seed(1)
     first, second = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     alone = step([first, first], 0.0)
@@ -235,25 +239,10 @@ def test_consistency_loss_compares_two_views_and_the_class_loss_sees_the_first(i
 
 
 def test_consistency_with_mixing_mixes_both_views_of_a_film_alike(image_folder, tmp_path):
-    from model.engine import train_one_epoch
     from model.transforms import batch_mixing
 
     def step(views, weight):
-        torch.manual_seed(0)
-        network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-        seen = []
-
-        def criterion(logits, targets):
-            seen.append(targets.shape)
-            return torch.nn.functional.cross_entropy(logits, targets)
-
-        optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        train_one_epoch(network, criterion, optimizer, scheduler, [(views, torch.tensor([0, 1, 2, 0]))],
-                        torch.device("cpu"), 0, progress=False, consistency_weight=weight,
-                        mixing=batch_mixing(3, mixup_alpha=0.4, cutmix_alpha=1.0))
-        assert seen == [(4, 3)]  # the class loss: the first view's soft targets
-        return network[1].weight.detach().clone()
+        return _two_view_step(views, weight, mixing=batch_mixing(3, mixup_alpha=0.4, cutmix_alpha=1.0))
 
     torch.manual_seed(1)
     first, second = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
