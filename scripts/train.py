@@ -94,7 +94,8 @@ def get_args_parser():
                         help="also draw each film through the robust recipe's augmentations (set by the options "
                              "above) and add W times the Jensen-Shannon divergence between the predictions on the "
                              "two views (AugMix's consistency loss; 0, the default, is off). The class loss sees "
-                             "only the recipe's own view")
+                             "only the recipe's own view. With --mixup-alpha/--cutmix-alpha both views are mixed "
+                             "alike")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"))
