@@ -136,6 +136,9 @@ compare)
     options[tutorial_equalize_trim_consistency]="${options[tutorial_equalize_trim]} --consistency-weight 12"
     # ... and with mixup 0.2 on top, both views of a film mixed alike
     options[tutorial_equalize_trim_consistency_mixup]="${options[tutorial_equalize_trim_consistency]} --mixup-alpha 0.2"
+    # ... with half the consistency weight, to buy back val accuracy
+    options[tutorial_equalize_trim_consistency6_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 6\
+ --mixup-alpha 0.2"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
