@@ -82,4 +82,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(_train_script().parse_args(get_args_parser()))

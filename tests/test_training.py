@@ -1,6 +1,7 @@
 """End-to-end tests of the training, evaluation and export scripts on a synthetic ImageFolder."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -249,11 +250,36 @@ def test_consistency_with_mixing_mixes_both_views_of_a_film_alike(image_folder, 
     # equal views stay equal after mixing, so the consistency term has nothing to pull on
     assert torch.allclose(step([first, first.clone()], 12.0), step([first, first.clone()], 0.0))
     assert not torch.allclose(step([first, second], 12.0), step([first, second], 0.0))
+    # the preset that combines the two, with its weight overridden on the command line
     completed = run_script("train.py", "--data", image_folder, "--output-dir", tmp_path, "--epochs", "1",
-                           "--recipe", "tutorial", "--consistency-weight", "12", "--mixup-alpha", "0.2", *TRAIN_ARGS)
+                           "--preset", "consistency_mixup", "--consistency-weight", "12", *TRAIN_ARGS)
     assert "Traceback" not in completed.stderr
-    args = load_checkpoint(tmp_path / "best.pt")["args"]
-    assert (args["consistency_weight"], args["mixup_alpha"]) == (12.0, 0.2)
+    checkpoint = load_checkpoint(tmp_path / "best.pt")
+    args = checkpoint["args"]
+    assert (args["preset"], args["recipe"], args["consistency_weight"], args["mixup_alpha"]) == (
+        "consistency_mixup", "tutorial", 12.0, 0.2)
+    # the preset's eval transform travels in the checkpoint, so serving equalises and trims too
+    assert (checkpoint["transform"]["intensity"], checkpoint["transform"]["trim_borders"]) == ("equalize", True)
+
+
+@pytest.mark.parametrize("script", ["train.py", "loso.py"])
+def test_a_preset_sets_defaults_that_options_given_with_it_override(script):
+    spec = importlib.util.spec_from_file_location(f"preset_{script[:-3]}", REPO_ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train_script = module if script == "train.py" else module._train_script()
+
+    def parse(*arguments):
+        return train_script.parse_args(module.get_args_parser(), ["--data", "d", "--output-dir", "o", *arguments])
+
+    preset = train_script.PRESETS["consistency_mixup"]
+    args = parse("--preset", "consistency_mixup")
+    assert {key: getattr(args, key) for key in preset} == preset
+    assert (args.recipe, args.intensity, args.trim_borders) == ("tutorial", "equalize", True)
+    assert parse("--mixup-alpha", "0.4", "--preset", "consistency_mixup").mixup_alpha == 0.4  # in either order
+    assert parse().recipe == "robust" and parse().consistency_weight == 0.0  # no preset: the plain defaults
+    with pytest.raises(SystemExit):
+        parse("--preset", "no_such_preset")
 
 
 def test_gradient_reversal_flips_the_gradient_and_nothing_else():
