@@ -9,7 +9,10 @@
 #            mv models/default.pt /tmp/   # a tracked 116 MiB file would not travel; restore it afterwards
 #   device:  bash scripts/gpu_run.sh train          (carry data/cxr256; timeout_s 600). Measures the training step
 #                                                    (benchmarks/bench_training.py), trains for MINUTES and
-#                                                    returns parts 00-03 of the fp16 checkpoint and the log
+#                                                    returns parts 00-03 of the fp16 checkpoint and the log.
+#                                                    RECIPE: the recipe options (default: the preset docs/audit.md
+#                                                    proposes, "--preset consistency_mixup"; the shipped
+#                                                    2026.11.27-4: RECIPE="--recipe robust --resize letterbox")
 #            bash scripts/gpu_run.sh finish         (carry data/cxr_test; at once, before the machine goes idle)
 #                                                    parts 04-07 and the full shortcut audit as audit.tar
 #            bash scripts/gpu_run.sh fetch 0|1      (re-sends parts 00-03 or 04-07)
@@ -64,7 +67,7 @@ train)
         --image-size "${IMAGE_SIZE:-224}" --batch-size "${BATCH:-64}" --rounds "${BENCH_ROUNDS:-10}" \
         --output "$OUT/bench_training.json" 2>&1 | tee "$OUT/train.log"
     "$PY" scripts/train.py --data "${DATA:-data/cxr256}" --output-dir "$RUN" --device "${DEVICE:-cuda}" \
-        --arch "${ARCH:-resnet152}" --weights none --zero-init-residual --recipe robust --resize "${RESIZE:-squash}" \
+        --arch "${ARCH:-resnet152}" --weights none --zero-init-residual ${RECIPE:---preset consistency_mixup} \
         --image-size "${IMAGE_SIZE:-224}" --epochs "${EPOCHS:-100}" --warmup-epochs "${WARMUP:-3}" \
         --batch-size "${BATCH:-64}" --lr "${LR:-1.5e-3}" --weight-decay 0.05 --workers "${WORKERS:-14}" \
         --model-ema --model-ema-half-life 2 --time-limit "${MINUTES:-9}" --fit-time-limit \
