@@ -54,12 +54,18 @@ PRESETS = {
 }
 
 
-def get_args_parser():
-    """Command-line options of the training script."""
-    parser = argparse.ArgumentParser(description=__doc__)
+def _preset_parser():
+    """The ``--preset`` option alone, which ``parse_args`` reads before the others."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="a named recipe that sets the defaults of other options (which still override it): "
                              + "; ".join(f"{name} = {_preset_options(name)}" for name in sorted(PRESETS)))
+    return parser
+
+
+def get_args_parser():
+    """Command-line options of the training script."""
+    parser = argparse.ArgumentParser(description=__doc__, parents=[_preset_parser()])
     parser.add_argument("--data", required=True, help="dataset root holding train/ and val/ (test/ is never read)")
     parser.add_argument("--output-dir", required=True, help="where best.pt, last.pt and metrics.csv go")
     parser.add_argument("--arch", default="resnet152", choices=ARCHITECTURES)
@@ -164,9 +170,7 @@ def _preset_options(name):
 
 def parse_args(parser, argv=None):
     """Parse ``argv`` with ``parser``; a ``--preset`` sets defaults first, so options given with it override it."""
-    preset_parser = argparse.ArgumentParser(add_help=False)
-    preset_parser.add_argument("--preset", default=None, choices=sorted(PRESETS))
-    preset, _ = preset_parser.parse_known_args(argv)
+    preset, _ = _preset_parser().parse_known_args(argv)
     if preset.preset:
         parser.set_defaults(**PRESETS[preset.preset])
     return parser.parse_args(argv)
