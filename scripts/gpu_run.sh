@@ -142,6 +142,11 @@ compare)
     # ... with half the consistency weight, to buy back val accuracy
     options[tutorial_equalize_trim_consistency6_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 6\
  --mixup-alpha 0.2"
+    # ... with stronger mixing: mixup 0.4, or torchvision's reference pair (mixup 0.2 or CutMix 1.0 per batch)
+    options[tutorial_equalize_trim_consistency6_mixup4]="${options[tutorial_equalize_trim]} --consistency-weight 6\
+ --mixup-alpha 0.4"
+    options[tutorial_equalize_trim_consistency6_mixup_cutmix]="${options[tutorial_equalize_trim_consistency6_mixup]}\
+ --cutmix-alpha 1.0"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
