@@ -150,6 +150,9 @@ compare)
     # ... and a quarter of AugMix's weight, to buy back more val accuracy
     options[tutorial_equalize_trim_consistency3_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 3\
  --mixup-alpha 0.2"
+    # ... and an eighth of it (1.5)
+    options[tutorial_equalize_trim_consistency1p5_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 1.5\
+ --mixup-alpha 0.2"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
