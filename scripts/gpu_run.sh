@@ -153,6 +153,9 @@ compare)
     # ... and an eighth of it (1.5)
     options[tutorial_equalize_trim_consistency1p5_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 1.5\
  --mixup-alpha 0.2"
+    # ... and a sixteenth (0.75)
+    options[tutorial_equalize_trim_consistency0p75_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 0.75\
+ --mixup-alpha 0.2"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
