@@ -139,23 +139,16 @@ compare)
     options[tutorial_equalize_trim_consistency]="${options[tutorial_equalize_trim]} --consistency-weight 12"
     # ... and with mixup 0.2 on top, both views of a film mixed alike
     options[tutorial_equalize_trim_consistency_mixup]="${options[tutorial_equalize_trim_consistency]} --mixup-alpha 0.2"
-    # ... with half the consistency weight, to buy back val accuracy
-    options[tutorial_equalize_trim_consistency6_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 6\
- --mixup-alpha 0.2"
+    # ... with a half, a quarter, an eighth and a sixteenth of the consistency weight, to buy back val accuracy
+    for weight in 6 3 1.5 0.75; do
+        options[tutorial_equalize_trim_consistency${weight/./p}_mixup]="${options[tutorial_equalize_trim]}\
+ --consistency-weight $weight --mixup-alpha 0.2"
+    done
     # ... with stronger mixing: mixup 0.4, or torchvision's reference pair (mixup 0.2 or CutMix 1.0 per batch)
     options[tutorial_equalize_trim_consistency6_mixup4]="${options[tutorial_equalize_trim]} --consistency-weight 6\
  --mixup-alpha 0.4"
     options[tutorial_equalize_trim_consistency6_mixup_cutmix]="${options[tutorial_equalize_trim_consistency6_mixup]}\
  --cutmix-alpha 1.0"
-    # ... and a quarter of AugMix's weight, to buy back more val accuracy
-    options[tutorial_equalize_trim_consistency3_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 3\
- --mixup-alpha 0.2"
-    # ... and an eighth of it (1.5)
-    options[tutorial_equalize_trim_consistency1p5_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 1.5\
- --mixup-alpha 0.2"
-    # ... and a sixteenth (0.75)
-    options[tutorial_equalize_trim_consistency0p75_mixup]="${options[tutorial_equalize_trim]} --consistency-weight 0.75\
- --mixup-alpha 0.2"
     for percent in 20 40; do  # milder acquisition changes: a lower share of films than the default 80 %
         options[robust_acquisition$percent]="--recipe robust --acquisition-probability 0.$percent"
     done
