@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 UNKNOWN_SOURCE = "unknown"
 MIN_PROBE_IMAGES = 10
 PROBE_FOLDS = 5
+PROBE_BOOTSTRAP = 2000
 MIN_LOSO_TRAIN_IMAGES = 50
 REPORT_NAME = "audit.md"
 PER_SOURCE_PLOT = "per_source_accuracy.png"
@@ -438,12 +439,33 @@ def source_probe(features, targets, sources, class_names, *, min_images=MIN_PROB
             logger.warning("source probe for %s: logistic regression did not fully converge", name)
         entry.update({
             "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+            "ci95": bootstrap_balanced_accuracy(labels, predicted, seed=seed),
             "chance": 1.0 / len(eligible),
             "folds": splits,
             "n": int(mask.sum()),
         })
         results[name] = entry
     return results
+
+
+def bootstrap_balanced_accuracy(labels, predicted, *, resamples=PROBE_BOOTSTRAP, level=0.95, seed=0):
+    """Percentile interval of the balanced accuracy under a bootstrap of the images, stratified by true label.
+
+    Balanced accuracy is the mean of the per-label recalls, and resampling the n images of one label with
+    replacement draws that label's number of hits from Binomial(n, recall): the bootstrap is drawn that way.
+    It measures how much the score depends on which images the split happens to hold, with the classifier's
+    out-of-fold predictions fixed; it does not include the spread between trained models (seeds).
+    """
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    rng = np.random.default_rng(seed)
+    recalls = []
+    for label in np.unique(labels):
+        mask = labels == label
+        count = int(mask.sum())
+        recalls.append(rng.binomial(count, float(np.mean(predicted[mask] == label)), size=resamples) / count)
+    scores = np.mean(recalls, axis=0)
+    tail = (1.0 - level) / 2.0
+    return [float(np.quantile(scores, tail)), float(np.quantile(scores, 1.0 - tail))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,16 +642,18 @@ def format_report(result):
         "",
         "A logistic regression (standardised features, 5-fold stratified cross-validation) predicts the source "
         "from the pooled penultimate features, within one class. Balanced accuracy well above chance means the "
-        "features encode where an image came from.",
+        "features encode where an image came from. The 95 % interval is a bootstrap of the images (stratified by "
+        "source) over the out-of-fold predictions: how much the score depends on which films the split holds. It "
+        "does not include the spread between training seeds, which compares recipes only over several runs.",
         "",
         markdown_table(
-            ["class", "sources (n)", "balanced accuracy", "chance", "folds", "left out (n)"],
+            ["class", "sources (n)", "balanced accuracy (95 % CI)", "chance", "folds", "left out (n)"],
             [
                 [
                     name,
                     ", ".join(f"`{source}` ({count})" for source, count in entry["sources"].items()) or "-",
-                    percent(entry["balanced_accuracy"]) if "balanced_accuracy" in entry
-                    else f"skipped: {entry['skipped']}",
+                    f"{percent(entry['balanced_accuracy'])} ({percent(entry['ci95'][0])}-{percent(entry['ci95'][1])})"
+                    if "balanced_accuracy" in entry else f"skipped: {entry['skipped']}",
                     percent(entry.get("chance")),
                     entry.get("folds", "-"),
                     ", ".join(f"`{source}` ({count})" for source, count in entry["excluded"].items()) or "-",
@@ -663,8 +687,10 @@ def format_summary(result):
                      f"({summary['worst_flip_rate']:.3f})")
     for name, entry in result["probe"].items():
         if "balanced_accuracy" in entry:
+            low, high = entry["ci95"]
             lines.append(f"source probe {name}: balanced accuracy {entry['balanced_accuracy']:.3f} "
-                         f"(chance {entry['chance']:.3f}, sources {', '.join(entry['sources'])})")
+                         f"(95 % CI {low:.3f}-{high:.3f}; chance {entry['chance']:.3f}, "
+                         f"sources {', '.join(entry['sources'])})")
         else:
             lines.append(f"source probe {name}: skipped ({entry['skipped']})")
     return "\n".join(lines)

@@ -107,6 +107,8 @@ def test_report_has_all_four_parts_and_plots(audit_run):
         assert (output / plot).stat().st_size > 1000
         assert f"]({plot})" in report
     assert "per source:" in stdout and "mean flip rate" in stdout
+    low, high = (f"{100 * value:.1f}%" for value in result["probe"]["COVID"]["ci95"])
+    assert f"({low}-{high})" in report and "source probe COVID: balanced accuracy" in stdout and "95 % CI" in stdout
 
 
 def test_per_source_counts_match_the_manifest(audit_run):
@@ -205,6 +207,33 @@ def test_probe_detects_features_that_encode_the_source():
     assert chance["COVID"]["balanced_accuracy"] < 0.8 and chance["COVID"]["chance"] == 0.5
     single = audit.source_probe(encoding, targets, np.array(["a"] * 80), names)
     assert "skipped" in single["COVID"]
+    for result in (encoded, chance):
+        low, high = result["COVID"]["ci95"]
+        assert low <= result["COVID"]["balanced_accuracy"] <= high
+
+
+def test_probe_interval_is_a_stratified_bootstrap_of_the_images():
+    # 3 of 4 images of source a and 1 of 2 of source b right: balanced accuracy (0.75 + 0.5) / 2
+    labels = np.array(["a", "a", "a", "a", "b", "b"])
+    predicted = np.array(["a", "a", "a", "b", "b", "a"])
+    low, high = audit.bootstrap_balanced_accuracy(labels, predicted, seed=1)
+    assert low < 0.625 < high and high - low > 0.3
+    assert audit.bootstrap_balanced_accuracy(labels, predicted, seed=1) == [low, high]
+    # the same recalls on 100 times the images: an interval about ten times narrower, around the same score
+    big_low, big_high = audit.bootstrap_balanced_accuracy(np.repeat(labels, 100), np.repeat(predicted, 100))
+    assert big_low < 0.625 < big_high and 5 < (high - low) / (big_high - big_low) < 20
+    # a naive loop over resampled image indices agrees
+    rng = np.random.default_rng(0)
+    labels, predicted = np.repeat(labels, 10), np.repeat(predicted, 10)
+    groups = [np.flatnonzero(labels == label) for label in ("a", "b")]
+    naive = []
+    for _ in range(2000):
+        picked = np.concatenate([rng.choice(group, size=group.size) for group in groups])
+        naive.append(audit.balanced_accuracy_score(labels[picked], predicted[picked]))
+    expected = np.quantile(naive, [0.025, 0.975])
+    assert np.allclose(audit.bootstrap_balanced_accuracy(labels, predicted), expected, atol=0.03)
+    # all right: no spread
+    assert audit.bootstrap_balanced_accuracy(labels, labels) == [1.0, 1.0]
 
 
 def test_perturbations_are_deterministic_and_leave_the_input_alone():
