@@ -41,10 +41,21 @@ def create_app(config=None):
 
 
 class InMemoryRequest(Request):
-    """Keeps uploaded files in memory, never spooled to a temporary file; MAX_CONTENT_LENGTH bounds them."""
+    """Keeps uploaded files in memory, never spooled to a temporary file; MAX_CONTENT_LENGTH bounds them.
+
+    ``multipart_unreadable`` is True for a multipart body that werkzeug could not parse (it then silently leaves
+    the form empty), e.g. part headers that are not UTF-8, so that the answer can say so instead of "no file".
+    """
+
+    multipart_unreadable = False
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
+
+    def _load_form_data(self):
+        super()._load_form_data()
+        if self.mimetype == "multipart/form-data" and self.content_length and not self.form and not self.files:
+            self.multipart_unreadable = True
 
 
 def configure_logging(app):
@@ -101,7 +112,7 @@ def register_response_hooks(app):
         if request.is_secure:
             response.headers.setdefault("Strict-Transport-Security", HSTS_HEADER)
         response.headers["X-Request-ID"] = request_id()
-        if request.endpoint != "static":
+        if request.endpoint != "static" or response.status_code >= 400:
             response.headers["Cache-Control"] = "no-store"
         return response
 

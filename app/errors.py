@@ -8,7 +8,8 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from app import request_id
-from app.forms import UploadRefused, human_size
+from app.forms import UNREADABLE_FORM_MESSAGE, UploadRefused, human_size
+from app.security import SignInRequired, render_login_page
 from app.views import render_upload_page
 from model.errors import InvalidImageError
 
@@ -40,6 +41,7 @@ def register_error_handlers(app):
     app.register_error_handler(CSRFError, handle_csrf_error)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
     app.register_error_handler(RateLimitExceeded, handle_rate_limited)
+    app.register_error_handler(SignInRequired, handle_sign_in_required)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(Exception, handle_unexpected_error)
 
@@ -55,8 +57,21 @@ def handle_upload_refused(error):
 
 
 def handle_csrf_error(error):
-    """400: a form post without a valid CSRF token."""
+    """400: a form post without a valid CSRF token (or whose multipart body could not be parsed at all)."""
+    if getattr(request, "multipart_unreadable", False):
+        return upload_refused(UNREADABLE_FORM_MESSAGE, 400)
+    if request.blueprint == "auth":
+        logger.info("sign-in refused with 400: CSRF token missing or expired (request %s)", request_id())
+        return render_login_page(error=CSRF_MESSAGE), 400
     return upload_refused(CSRF_MESSAGE, 400)
+
+
+def handle_sign_in_required(error):
+    """401: a page or form post without a signed-in session while API tokens are configured."""
+    logger.info("HTTP 401 sign-in required on %s %s (request %s)", request.method, request.path, request_id())
+    if wants_json():
+        return jsonify({"error": error.description}), 401
+    return render_login_page(error=error.description), 401
 
 
 def handle_too_large(error):

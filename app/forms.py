@@ -4,11 +4,12 @@ from flask import request
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 from werkzeug.exceptions import BadRequest
-from wtforms import SubmitField
+from wtforms import PasswordField, SubmitField
+from wtforms.validators import DataRequired, Length
 
 from model.errors import InvalidImageError
 
-# Upload types offered to people and clients; the decoder (model.transforms) has the final word on content.
+# Upload types offered to people and clients; the decoder (model.decode) has the final word on content.
 # DICOM is recognised by its content (the DICM preamble), so extensionless PACS exports work too.
 ACCEPTED_TYPES = {
     "PNG": ("image/png", ".png"),
@@ -20,6 +21,10 @@ ACCEPTED_NAMES = ", ".join(list(ACCEPTED_TYPES)[:-1]) + " or " + list(ACCEPTED_T
 
 EMPTY_FILE_MESSAGE = "The file is empty."
 NO_FILE_MESSAGE = "No file was uploaded: send the image as multipart/form-data in a field named 'file'."
+UNREADABLE_FORM_MESSAGE = (
+    "The upload could not be read: its multipart form data is malformed or its part headers (such as the file "
+    "name) are not UTF-8 text. Rename the file with plain letters and digits, or send it again from a browser."
+)
 
 
 class UploadRefused(BadRequest):
@@ -37,9 +42,22 @@ class UploadForm(FlaskForm):
     submit = SubmitField("Analyse image")
 
 
+class LoginForm(FlaskForm):
+    """Sign-in for the pages: one of the configured API tokens, exchanged for a session (``POST /login``)."""
+
+    token = PasswordField(
+        "Access token",
+        validators=[DataRequired("Please enter your access token."), Length(max=512, message="That is not a token.")],
+        render_kw={"autocomplete": "current-password"},
+    )
+    submit = SubmitField("Sign in")
+
+
 def the_upload():
     """The one file of the current request's field ``file``; ``UploadRefused`` when there is none or several."""
     uploads = request.files.getlist("file")
+    if not uploads and getattr(request, "multipart_unreadable", False):
+        raise UploadRefused(UNREADABLE_FORM_MESSAGE)
     if not uploads:
         raise UploadRefused(NO_FILE_MESSAGE)
     if len(uploads) > 1:

@@ -1,10 +1,16 @@
-"""Who may use the app: trusted reverse proxies, API tokens, the proxy's user header and per-client rate limits."""
+"""Who may use the app: trusted reverse proxies, API tokens, sign-in for the pages, and per-client rate limits.
 
+One access control for every route: ``enforce_access()`` runs before every request (deny by default), and
+``access_required`` puts the same check on a view explicitly (e.g. a blueprint's routes).
+"""
+
+import functools
 import hashlib
 import hmac
 import logging
+from urllib.parse import urlsplit
 
-from flask import current_app, request
+from flask import Blueprint, current_app, redirect, render_template, request, session, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from limits.errors import ConfigurationError
@@ -12,11 +18,19 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import ENV_PREFIX
+from app.forms import LoginForm
 
 logger = logging.getLogger(__name__)
 
-# Paths that stay open whatever is configured: the load balancer's health check and the stylesheet.
-OPEN_ENDPOINTS = ("api.healthz", "static")
+bp = Blueprint("auth", __name__)
+
+# Paths that stay open whatever is configured: the load balancer's health check, the stylesheet and the sign-in.
+OPEN_ENDPOINTS = ("api.healthz", "static", "auth.login", "auth.logout")
+# The session key that holds the signed-in token's id (a prefix of its configured SHA-256 digest, never the token).
+SESSION_TOKEN_KEY = "signed_in_token"
+TOKEN_ID_LENGTH = 16
+SIGN_IN_MESSAGE = "Please sign in with your CovidScan access token to use this page."
+SIGN_IN_FAILED_MESSAGE = "That access token is not valid."
 RATE_LIMITED_ENDPOINTS = ("views.predict", "api.predict")
 BEARER_REALM = "CovidScan"
 TOKEN_MISSING_MESSAGE = "This API needs a token: send it as 'Authorization: Bearer <token>'."
@@ -47,14 +61,19 @@ def init_proxy_fix(app):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
 
 
+class SignInRequired(Unauthorized):
+    """401 for a page request without a signed-in session (or the proxy's user header) while tokens are set."""
+
+
 def init_access_control(app):
-    """API tokens for ``/api/``, the proxy's user header for the pages; a warning when either is left open."""
+    """API tokens for ``/api/``; sign-in or the proxy's user header for the pages; a warning for what is left open."""
     app.before_request(require_credentials)
+    app.register_blueprint(bp)
     open_parts = []
     if not app.config["API_TOKEN_HASHES"]:
         open_parts.append(f"the JSON API (no {ENV_PREFIX}_API_TOKEN_HASHES)")
-    if not app.config["PROXY_USER_HEADER"]:
-        open_parts.append(f"the upload pages (no {ENV_PREFIX}_PROXY_USER_HEADER)")
+    if not (app.config["PROXY_USER_HEADER"] or app.config["API_TOKEN_HASHES"]):
+        open_parts.append(f"the upload pages (no {ENV_PREFIX}_API_TOKEN_HASHES or {ENV_PREFIX}_PROXY_USER_HEADER)")
     if open_parts:
         logger.warning(
             "CovidScan is open to anyone who can reach it: %s. Configure access control before exposing it "
@@ -64,17 +83,112 @@ def init_access_control(app):
 
 
 def require_credentials():
-    """Refuse a request that lacks the credentials its part of the app requires (before any other work)."""
+    """Before every request: refuse one that lacks the credentials its part of the app requires.
+
+    A browser's GET of a page is sent to the sign-in form instead of being refused.
+    """
     if request.endpoint in OPEN_ENDPOINTS:
-        return
+        return None
+    try:
+        enforce_access()
+    except SignInRequired:
+        if request.method in ("GET", "HEAD") and not request.path.startswith("/api/"):
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        raise
+    return None
+
+
+def enforce_access():
+    """Raise 401/403 unless the current request may use the app.
+
+    ``/api/`` needs a bearer token when ``API_TOKEN_HASHES`` is set. Pages need the proxy's user header
+    (``PROXY_USER_HEADER``) or, when tokens are set, a session signed in at ``/login``; with neither set they are open.
+    """
+    hashes = current_app.config["API_TOKEN_HASHES"]
     if request.path.startswith("/api/"):
-        hashes = current_app.config["API_TOKEN_HASHES"]
         if hashes:
             check_api_token(hashes)
         return
     header = current_app.config["PROXY_USER_HEADER"]
-    if header and not request.headers.get(header, "").strip():
+    if header and request.headers.get(header, "").strip():
+        return
+    if hashes:
+        if signed_in_token_id(hashes) is None:
+            raise SignInRequired(SIGN_IN_MESSAGE)
+        return
+    if header:
         raise Forbidden(PROXY_USER_MISSING_MESSAGE)
+
+
+def access_required(view):
+    """Decorator: the view runs only for a request that ``enforce_access`` lets through (the app-wide rule)."""
+
+    @functools.wraps(view)
+    def guarded(*args, **kwargs):
+        enforce_access()
+        return view(*args, **kwargs)
+
+    return guarded
+
+
+def signed_in_token_id(hashes):
+    """The id of the token this session signed in with, while that token is still configured; else None."""
+    token_id = session.get(SESSION_TOKEN_KEY)
+    if not isinstance(token_id, str) or len(token_id) != TOKEN_ID_LENGTH:
+        return None
+    matched = False
+    for expected in hashes:
+        matched |= hmac.compare_digest(token_id, expected[:TOKEN_ID_LENGTH])
+    return token_id if matched else None
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    """GET: the sign-in form. POST: exchange a valid API token (form field ``token``, CSRF-checked) for a session."""
+    hashes = current_app.config["API_TOKEN_HASHES"]
+    if not hashes:
+        return redirect(url_for("views.index"))
+    form = LoginForm()
+    if not form.validate_on_submit():
+        if request.method == "POST":
+            return render_login_page(form, error=first_form_error(form)), 400
+        return render_login_page(form), 200
+    digest = matching_hash(form.token.data.strip(), hashes)
+    if digest is None:
+        logger.info("sign-in refused (invalid token)")
+        return render_login_page(form, error=SIGN_IN_FAILED_MESSAGE), 401
+    session.clear()
+    session[SESSION_TOKEN_KEY] = digest[:TOKEN_ID_LENGTH]
+    session.permanent = True
+    logger.info("signed in with token %s", digest[:8])
+    return redirect(safe_next_url(request.args.get("next")))
+
+
+@bp.post("/logout")
+def logout():
+    """End the session (CSRF-checked like every form)."""
+    session.clear()
+    return redirect(url_for("auth.login") if current_app.config["API_TOKEN_HASHES"] else url_for("views.index"))
+
+
+def render_login_page(form=None, error=None):
+    """The sign-in page; ``error`` says why the last attempt failed."""
+    return render_template("login.html", form=form if form is not None else LoginForm(formdata=None), error=error)
+
+
+def first_form_error(form):
+    """The first validation message of a form that did not validate."""
+    messages = [message for field_messages in form.errors.values() for message in field_messages]
+    return messages[0] if messages else "The sign-in could not be read; please try again."
+
+
+def safe_next_url(target):
+    """Where to go after signing in: a path on this site only (never another host), else the upload page."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
+    return url_for("views.index")
 
 
 def check_api_token(hashes):
@@ -97,11 +211,17 @@ def bearer_token():
 
 def token_matches(token, hashes):
     """Compare the token's digest with every configured digest in constant time (no early exit)."""
-    digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
-    matched = False
+    return matching_hash(token, hashes) is not None
+
+
+def matching_hash(token, hashes):
+    """The configured digest that ``token`` hashes to, or None; every digest is compared, in constant time."""
+    digest = hashlib.sha256(token.encode("utf-8", errors="surrogateescape")).hexdigest()
+    found = None
     for expected in hashes:
-        matched |= hmac.compare_digest(digest, expected)
-    return matched
+        if hmac.compare_digest(digest, expected):
+            found = expected
+    return found
 
 
 def init_rate_limiting(app):

@@ -232,10 +232,120 @@ def test_unknown_api_paths_need_the_token_too(token_client):
     assert token_client.get("/api/v1/secret-admin", headers=bearer(API_TOKEN)).status_code == 404
 
 
-def test_health_check_and_pages_stay_open_with_api_tokens(token_client):
+def test_health_check_stays_open_with_api_tokens(token_client):
     assert token_client.get("/healthz").status_code == 200
+    assert token_client.get("/static/style.css").status_code == 200
+    assert token_client.get("/login").status_code == 200
+
+
+# --------------------------------------------------------------------------- sign-in for the pages
+
+
+def sign_in(client, token=API_TOKEN, next_path=None):
+    query = f"?next={next_path}" if next_path else ""
+    return client.post(f"/login{query}", data={"token": token})
+
+
+def test_pages_redirect_to_sign_in_when_tokens_are_configured(token_client):
+    response = token_client.get("/")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/"
+    page = token_client.get("/login?next=/")
+    assert page.status_code == 200
+    assert re.search(r'<input[^>]*name="token"[^>]*type="password"', page.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Cookie": "session=forged"}], ids=["none", "bad-bearer",
+                                                                                               "forged-cookie"])
+def test_unauthenticated_form_post_gets_no_prediction(token_client, headers):
+    response = post_form(token_client, headers=headers)
+    assert response.status_code == 401
+    text = html.unescape(response.get_data(as_text=True))
+    assert "Please sign in" in text
+    assert not any(name in text for name in CLASS_NAMES), "no class name, no probability"
+
+
+def test_an_api_bearer_token_does_not_open_the_pages(token_client):
+    assert post_form(token_client, headers=bearer(API_TOKEN)).status_code == 401
+
+
+def test_signing_in_with_a_valid_token_opens_the_pages(token_client):
+    response = sign_in(token_client, next_path="/")
+    assert response.status_code == 302 and response.headers["Location"] == "/"
     assert token_client.get("/").status_code == 200
-    assert post_form(token_client).status_code == 200
+    result = post_form(token_client)
+    assert result.status_code == 200
+    assert any(name in result.get_data(as_text=True) for name in CLASS_NAMES)
+    assert token_client.post("/logout").status_code == 302
+    assert post_form(token_client).status_code == 401, "signed out"
+
+
+@pytest.mark.parametrize("token", ["wrong", API_TOKEN + "x", sha256_hex(API_TOKEN)])
+def test_signing_in_with_a_wrong_token_is_refused(token_client, token):
+    response = sign_in(token_client, token)
+    assert response.status_code == 401
+    assert "That access token is not valid." in response.get_data(as_text=True)
+    assert post_form(token_client).status_code == 401
+
+
+def test_the_session_holds_no_token_and_ends_when_the_token_is_revoked(make_app):
+    app = make_app(API_TOKEN_HASHES=sha256_hex(API_TOKEN))
+    client = app.test_client()
+    sign_in(client)
+    with client.session_transaction() as session:
+        assert API_TOKEN not in str(dict(session)) and sha256_hex(API_TOKEN) not in str(dict(session))
+    app.config["API_TOKEN_HASHES"] = (sha256_hex(OTHER_TOKEN),)
+    assert post_form(client).status_code == 401
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:x"])
+def test_sign_in_never_redirects_to_another_site(token_client, target):
+    response = sign_in(token_client, next_path=target)
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/"
+
+
+def test_sign_in_form_is_csrf_protected_in_production(make_app):
+    client = make_app(production=True, SECURE_COOKIES=False, API_TOKEN_HASHES=sha256_hex(API_TOKEN)).test_client()
+    refused = sign_in(client)
+    assert refused.status_code == 400
+    assert "security token" in html.unescape(refused.get_data(as_text=True))
+    page = client.get("/login")
+    csrf_token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+    response = client.post("/login", data={"token": API_TOKEN, "csrf_token": csrf_token})
+    assert response.status_code == 302
+    assert client.get("/").status_code == 200
+
+
+def test_the_proxy_user_header_still_works_beside_sign_in(make_app):
+    client = make_app(API_TOKEN_HASHES=sha256_hex(API_TOKEN), PROXY_USER_HEADER="X-Remote-User").test_client()
+    assert post_form(client, headers={"X-Remote-User": "dr.house"}).status_code == 200
+    assert post_form(client).status_code == 401
+
+
+def test_access_required_guards_another_blueprint(make_app):
+    from flask import Blueprint
+
+    from app.security import access_required
+
+    app = make_app(API_TOKEN_HASHES=sha256_hex(API_TOKEN))
+    worklist = Blueprint("worklist_test", __name__)
+
+    @worklist.get("/worklist-test")
+    @access_required
+    def listing():
+        return "studies"
+
+    app.register_blueprint(worklist)
+    client = app.test_client()
+    with app.test_request_context("/worklist-test"):
+        from werkzeug.exceptions import Unauthorized
+
+        with pytest.raises(Unauthorized):
+            app.view_functions["worklist_test.listing"]()
+    assert client.get("/worklist-test").status_code == 302
+    sign_in(client)
+    assert client.get("/worklist-test").get_data(as_text=True) == "studies"
 
 
 def test_tokens_are_compared_in_constant_time_against_every_hash(make_app, monkeypatch):
@@ -311,9 +421,15 @@ def test_open_app_warns_at_start_up(make_app, caplog):
 
 def test_half_open_app_names_the_open_half(make_app, caplog):
     with caplog.at_level(logging.WARNING):
+        make_app(production=True, PROXY_USER_HEADER="X-Remote-User")
+    assert "the JSON API (no COVIDSCAN_API_TOKEN_HASHES)" in caplog.text
+    assert "the upload pages" not in caplog.text
+
+
+def test_tokens_close_the_pages_too(make_app, caplog):
+    with caplog.at_level(logging.WARNING):
         make_app(production=True, API_TOKEN_HASHES=sha256_hex(API_TOKEN))
-    assert "the upload pages (no COVIDSCAN_PROXY_USER_HEADER)" in caplog.text
-    assert "the JSON API" not in caplog.text
+    assert "is open" not in caplog.text
 
 
 def test_closed_app_does_not_warn(make_app, caplog):
@@ -456,3 +572,27 @@ def test_gunicorn_leaves_forwarded_headers_to_the_app(tiny_checkpoint_path, tmp_
         assert response.status == 200
         assert ("strict-transport-security" in response.headers) is secure, f"TRUSTED_PROXIES={proxies}"
         assert "Secure" in response.headers["set-cookie"], "production cookies are Secure either way"
+
+
+# --------------------------------------------------------------------------- smaller points
+
+
+def test_static_404_is_not_cacheable(make_app):
+    response = make_app().test_client().get("/static/no-such-file.css")
+    assert response.status_code == 404
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/api/v1/predict"])
+def test_non_utf8_file_name_gets_a_clear_answer(make_app, endpoint):
+    client = make_app(production=True, SECURE_COOKIES=False).test_client()
+    page = client.get("/")
+    csrf_token = re.search(rb'name="csrf_token" type="hidden" value="([^"]+)"', page.data).group(1)
+    body = (b'--BB\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n' + csrf_token +
+            b'\r\n--BB\r\nContent-Disposition: form-data; name="file"; filename="r\xe9sum\xff.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--BB--\r\n")
+    response = client.post(endpoint, data=body, content_type="multipart/form-data; boundary=BB")
+    assert response.status_code == 400
+    text = html.unescape(response.get_data(as_text=True))
+    assert "not UTF-8" in text
+    assert "security token" not in text
