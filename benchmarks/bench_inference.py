@@ -91,7 +91,7 @@ def main(args):
     # Every timed figure is taken round-robin, one call each per round, so load from other jobs hits all alike.
     network = eager.network
     timed = {"baseline: eager forward, batch 1": lambda: bare_forward(network, batch1)}
-    from model.transforms import decode_image
+    from model.decode import decode_image
 
     timed["decode 2048x2048 JPEG"] = lambda: decode_image(upload_jpeg)
     timed["decode 2048x2048 PNG"] = lambda: decode_image(upload_png)
@@ -238,7 +238,7 @@ def realistic_uploads(sample_path):
 
 def agreement_with_eager(eager, candidates, paths):
     """Per backend: same predicted class as eager on every image? max |delta p|, max |delta OOD score|."""
-    from model.transforms import decode_image
+    from model.decode import decode_image
 
     if not paths:
         return {}
@@ -309,7 +309,8 @@ def stand_in_checkpoint(spec, data_root):
     """A random-weight checkpoint of ARCH at SIZE px whose batch-norm statistics come from real images (cached)."""
     from model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from model.network import build_model
-    from model.transforms import build_eval_transform, decode_image, eval_transform_params
+    from model.decode import decode_image
+    from model.transforms import build_eval_transform, eval_transform_params
 
     arch, _, size = spec.partition(":")
     size = int(size or 224)

@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from model.errors import DataError
-from model.transforms import decode_image
+from model.decode import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +83,30 @@ def source_balanced_weights(dataset, sources):
     return torch.tensor(
         [1.0 / (group_sizes[group] * groups_per_class[group[0]]) for group in groups], dtype=torch.double
     )
+
+
+AGE_PATTERN = re.compile(r"\bage (\d{1,3})\b")
+# Age bands for subgroup reports: adults split where chest findings and film technique change most.
+AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 200, "60+"))
+
+
+def read_manifest_groups(manifest_path):
+    """Map each image of a MANIFEST.csv (by resolved path) to its subgroups: ``{"source": tag, "age_band": band}``.
+
+    The source is the file name's tag before the first underscore (``nih_...`` -> ``nih``), else ``source_repo``;
+    the age band comes from an ``age N`` in ``original_label`` (NIH rows carry it) and is None where unknown.
+    """
+    manifest_path = Path(manifest_path)
+    manifest_root = manifest_path.resolve().parent
+    groups = {}
+    with manifest_path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            name = Path(row["path"]).name
+            source = name.split("_", 1)[0] if "_" in name else (row.get("source_repo") or "unknown")
+            match = AGE_PATTERN.search(row.get("original_label") or "")
+            band = None
+            if match:
+                age = int(match.group(1))
+                band = next(label for low, high, label in AGE_BANDS if low <= age < high)
+            groups[str((manifest_root / row["path"]).resolve())] = {"source": source, "age_band": band}
+    return groups

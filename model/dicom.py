@@ -12,7 +12,6 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from model.errors import InvalidImageError, UnsupportedImageError
-from model.transforms import MAX_PIXELS, DecodedImage, check_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +59,17 @@ _DECODING_ERRORS = (
 )
 
 
-def decode_dicom(data, *, max_pixels=MAX_PIXELS):
-    """Decode DICOM Part 10 bytes into a ``DecodedImage`` (8-bit "L" image, technical metadata, warnings).
+def decode_dicom(data, *, check_size):
+    """Decode DICOM Part 10 bytes into ``(image, metadata, warnings)``: an 8-bit "L" image, technical metadata,
+    sentences for the reader.
 
-    Raises ``InvalidImageError`` (400) for damaged, multi-frame, non-radiograph or image-less files and
+    ``check_size(width, height)`` refuses absurd sizes from the header, before any pixel is decoded
+    (``model.decode.check_image_size``). Raises ``InvalidImageError`` (400) for damaged, multi-frame, non-radiograph or image-less files and
     ``UnsupportedImageError`` (415) for transfer syntaxes or colour models that cannot be decoded.
     """
     dataset = _read_dataset(data)
     try:
-        metadata, warnings = _check_dataset(dataset, len(data), max_pixels)
+        metadata, warnings = _check_dataset(dataset, len(data), check_size)
         pixels = dataset.pixel_array
         if metadata["photometric_interpretation"] in MONOCHROME:
             image, metadata["display_window"], window_warnings = _monochrome_to_uint8(pixels, dataset)
@@ -83,7 +84,7 @@ def decode_dicom(data, *, max_pixels=MAX_PIXELS):
         raise InvalidImageError(DAMAGED_MESSAGE) from error
     if image.shape != (metadata["rows"], metadata["columns"]):
         raise InvalidImageError(DAMAGED_MESSAGE)
-    return DecodedImage(Image.fromarray(image, mode="L"), metadata, warnings)
+    return Image.fromarray(image, mode="L"), metadata, warnings
 
 
 def _read_dataset(data):
@@ -96,7 +97,7 @@ def _read_dataset(data):
         raise InvalidImageError(DAMAGED_MESSAGE) from error
 
 
-def _check_dataset(dataset, size, max_pixels):
+def _check_dataset(dataset, size, check_size):
     """Refuse what cannot be a decodable chest radiograph before any pixel is decoded; return metadata, warnings."""
     if "PixelData" not in dataset:
         raise InvalidImageError(NO_PIXEL_DATA_MESSAGE if _parsed_to_the_end(dataset, size) else DAMAGED_MESSAGE)
@@ -129,7 +130,7 @@ def _check_dataset(dataset, size, max_pixels):
     rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
     if rows < 1 or columns < 1:
         raise InvalidImageError("The DICOM file does not give the size of its image (Rows, Columns).")
-    check_image_size(columns, rows, max_pixels=max_pixels)
+    check_size(columns, rows)
     view_position = _header_code(dataset, "ViewPosition", KNOWN_VIEWS)
     if view_position in LATERAL_VIEWS:
         warnings.append(LATERAL_WARNING)

@@ -9,11 +9,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from model.cam import cam_to_image_space, class_activation_maps, overlay_heatmap
+from model.cam import (
+    cam_to_image_space, class_activation_maps, heatmap_layer, overlay_heatmap, thorax_box_in_pixels, thorax_share,
+)
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint
 from model.ood import activation_score, input_check_reasons
 from model.runtime import build_runtime_for_predictor
-from model.transforms import box_in_pixels, build_eval_transform, decode_upload, seen_box
+from model.decode import decode_upload
+from model.transforms import box_in_pixels, build_eval_transform, seen_box
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,10 @@ class Prediction:
     warnings: list = dataclasses.field(default_factory=list)
     metadata: dict = dataclasses.field(default_factory=dict)  # technical facts about the upload, never patient data
     ood: dict | None = None  # {"flagged", "score", "threshold"} when the checkpoint has OOD statistics
+    film: Image.Image | None = None  # the (downscaled) input image in its own grey values, with the heatmap
+    heatmap_layer: Image.Image | None = None  # RGBA: the strongest activations only, transparent elsewhere
+    thorax_share: float | None = None  # share of the heatmap's mass inside model.cam.THORAX_BOX
+    thorax_box: tuple | None = None  # that box on the film, fractions (left, top, right, bottom) of its size
 
 
 class Predictor:
@@ -107,16 +114,24 @@ class Predictor:
         logits, activations = self.forward(self.preprocess(image, box=box))
         probabilities = self.probabilities_from_logits(logits)[0]
         index = int(probabilities.argmax())
-        heatmap = None
+        heatmap = display = layer = share = thorax = None
         if with_heatmap:
             cam = class_activation_maps(activations, self.network.fc.weight, torch.tensor([index]))[0]
             display = _display_copy(image)
             heat = cam_to_image_space(cam, self.transform_params, display.size, content_box=box)
             heatmap = overlay_heatmap(display, heat)
+            layer = heatmap_layer(heat)
+            share = thorax_share(heat, content_box=box)
+            left, top, right, bottom = thorax_box_in_pixels(display.size, box)
+            thorax = (left / display.width, top / display.height, right / display.width, bottom / display.height)
         return Prediction(
             label=self.class_names[index],
             probabilities={name: float(p) for name, p in zip(self.class_names, probabilities.tolist())},
             heatmap=heatmap,
+            film=display,
+            heatmap_layer=layer,
+            thorax_share=share,
+            thorax_box=thorax,
             elapsed_ms=(time.perf_counter() - start) * 1000.0,
             ood=self.ood_check(activations, [list(input_reasons)])[0],
         )

@@ -145,7 +145,7 @@ def _shrink(image, max_side):
 
 
 def input_check_reasons(decoded):
-    """Model-independent reasons why a decoded upload (``model.transforms.DecodedImage``) is not a chest X-ray."""
+    """Model-independent reasons why a decoded upload (``model.decode.DecodedImage``) is not a chest X-ray."""
     reasons = []
     if decoded.colourfulness > COLOURFUL_LIMIT:
         reasons.append(COLOURFUL_REASON)

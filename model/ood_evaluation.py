@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from model.errors import InvalidImageError
 from model.data import make_image_folder
 from model.ood import activation_score, energy_score, fit_ood_statistics, input_check_reasons, pooled_features
-from model.transforms import DecodedImage, decode_image, decode_upload
+from model.decode import DecodedImage, decode_image, decode_upload
 
 logger = logging.getLogger(__name__)
 

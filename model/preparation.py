@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from model.errors import DataError, InvalidImageError
-from model.transforms import decode_image, looks_like_dicom
+from model.decode import decode_image, looks_like_dicom
 
 logger = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ class TriageDataset(Dataset):
     def __getitem__(self, index):
         """(index, tensor, error reason, failed input checks); tensor None and a reason for a bad file."""
         from model.ood import input_check_reasons
-        from model.transforms import decode_upload
+        from model.decode import decode_upload
 
         try:
             decoded = decode_upload(self.paths[index].read_bytes())

@@ -313,7 +313,7 @@ def test_exif_orientation_is_honoured(client):
 
 def test_upload_form_page(client):
     from app.forms import ACCEPTED_TYPES
-    from model.transforms import ACCEPTED_FORMATS
+    from model.decode import ACCEPTED_FORMATS
 
     response = client.get("/")
     assert response.status_code == 200

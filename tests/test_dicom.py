@@ -26,7 +26,7 @@ import model.dicom
 from model.data import IMAGE_EXTENSIONS, make_image_folder
 from model.dicom import LATERAL_WARNING, NO_MODALITY_WARNING
 from model.errors import InvalidImageError, UnsupportedImageError
-from model.transforms import decode_image, decode_upload
+from model.decode import decode_image, decode_upload
 from tests.conftest import encode, make_xray_array
 
 # Identifying fields written into every test file; none may surface in metadata, messages or logs.

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import encode, make_xray_array
 from model.errors import InvalidImageError, UnsupportedImageError
-from model.transforms import MAX_PIXELS, decode_upload
+from model.decode import MAX_PIXELS, decode_upload
 
 # A few hundred examples per property keeps the suite quick; raise it for a longer hunt.
 EXAMPLES = int(os.environ.get("COVIDSCAN_FUZZ_EXAMPLES", "300"))

@@ -17,6 +17,7 @@ from model.checkpoint import (
     to_serving,
 )
 from model.errors import CheckpointError, InvalidImageError, UnsupportedImageError, WeightsError
+from model.decode import decode_image
 from model.inference import Predictor
 from model.network import build_model
 from model.transforms import (
@@ -27,7 +28,6 @@ from model.transforms import (
     build_eval_transform,
     build_train_transform,
     content_box,
-    decode_image,
     eval_transform_params,
     mix_views,
     seen_box,

@@ -76,7 +76,7 @@ def test_colourfulness_separates_photos_from_grayscale_and_tinted_xrays():
 
 
 def test_decoder_measures_colour_before_the_grayscale_conversion():
-    from model.transforms import decode_upload
+    from model.decode import decode_upload
 
     decoded = decode_upload(encode(colour_photo(), "JPEG", quality=90))
     assert decoded.image.mode == "L" and decoded.colourfulness > COLOURFUL_LIMIT

@@ -27,7 +27,7 @@ from model.preparation import (
     read_rsna,
     split_patient_groups,
 )
-from model.transforms import decode_image
+from model.decode import decode_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"
