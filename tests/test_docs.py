@@ -17,6 +17,10 @@ REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.MULTILINE)
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SCRIPT_CALL = re.compile(r"scripts/(\w+)\.py\b")
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+# Repository paths named in the text, e.g. `model/decode.py` or scripts/predict.py (relative to the repository root)
+REPOSITORY_PATH = re.compile(
+    r"(?<![\w./-])((?:app|model|scripts|templates|static|tests|benchmarks|research|deploy|pacs|store)/"
+    r"[\w./-]*\w\.(?:py|sh|html|md|css|js|conf|json|png|ini))")
 # scripts/loso.py takes every option of scripts/train.py as well as its own
 INHERITED_OPTIONS = {"loso": ("train",)}
 
@@ -117,6 +121,12 @@ def test_the_training_options_table_names_only_real_options():
 
 
 @pytest.mark.parametrize("path", CHECKED_MARKDOWN, ids=relative)
+def test_every_repository_path_named_in_the_text_exists(path):
+    missing = sorted({name for name in REPOSITORY_PATH.findall(path.read_text()) if not (REPO_ROOT / name).exists()})
+    assert not missing, f"{relative(path)} names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", CHECKED_MARKDOWN, ids=relative)
 def test_no_documented_command_writes_over_the_shipped_model(path):
     for block in FENCE.findall(path.read_text()):
         assert not re.search(r"--output[ =]models/default\.pt", block), (
@@ -130,6 +140,11 @@ def test_the_link_checker_finds_a_broken_link(tmp_path):
     targets = relative_links(text)
     assert targets == ["page.md#title", "missing.md", "page.md#nowhere"]
     assert heading_anchors(text) == {"title"}
+
+
+def test_the_path_finder_sees_module_paths():
+    text = "decode in `model/decode.py`, then scripts/predict.py; not runs/x/model/y.py or https://a.org/app/b.py"
+    assert REPOSITORY_PATH.findall(text) == ["model/decode.py", "scripts/predict.py"]
 
 
 def test_the_command_parser_reads_continued_lines():
