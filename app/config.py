@@ -46,11 +46,15 @@ class Defaults:
     PROXY_USER_HEADER = ""  # e.g. X-Remote-User, set by an authenticating proxy; empty: pages open
     RATE_LIMIT = "60 per minute"  # per client on the predict routes; "off" disables it
     RATE_LIMIT_STORAGE_URI = "memory://"  # per process; e.g. redis://host:6379 to share it between workers
+    DATABASE_URL = ""  # worklist store (SQLAlchemy URL, SQLite or PostgreSQL); empty: SQLite in the instance folder
+    PACS_URL = ""  # the PACS's DICOMweb root, from which the worklist fetches heatmaps
+    PACS_VIEWER_URL = ""  # the site's viewer, a template such as https://viewer/study/{study_instance_uid}
 
 
 # Settings read as the raw text of their environment variable: JSON parsing would turn a digest such as
 # "1234e5..." into a number.
 RAW_TEXT_SETTINGS = ("API_TOKEN_HASHES", "PROXY_USER_HEADER", "RATE_LIMIT", "RATE_LIMIT_STORAGE_URI")
+RAW_TEXT_SETTINGS += ("DATABASE_URL", "PACS_URL", "PACS_VIEWER_URL")  # URLs, never JSON
 OFF_VALUES = ("", "0", "off", "false", "no", "none")
 ON_VALUES = ("1", "on", "true", "yes")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
