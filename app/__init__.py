@@ -31,6 +31,9 @@ def create_app(config=None):
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
+    from app import worklist
+
+    worklist.init_app(app, csrf)  # the PACS worklist: its store (migrated at start-up), page and API
     security.init_rate_limiting(app)
 
     errors.register_error_handlers(app)
