@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
 
 from store.models import (
     DONE, FAILED, FLAGGED, PENDING, PROCESSING, REVIEWED, STATUSES, FeedState, Image, ReviewEvent, SeenStudy,
@@ -43,6 +44,9 @@ class StoreError(RuntimeError):
 
 class NotFound(LookupError):
     """No image with that SOP Instance UID in the store."""
+
+
+MEMORY_DATABASE_URL = "sqlite://"  # tests' apps that name no store: nothing written to the instance folder
 
 
 def default_database_url(instance_path=None):
@@ -90,9 +94,12 @@ class Store:
         if not self.is_sqlite:
             return create_engine(self.url, pool_pre_ping=True)
         database = self.url.database
-        if database and database != ":memory:":
+        if not database or database == ":memory:":
+            # One shared connection: every new connection to an in-memory SQLite would see an empty database.
+            engine = create_engine(self.url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            engine = create_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record):
