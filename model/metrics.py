@@ -151,3 +151,36 @@ def plot_reliability(targets, probabilities_by_name, path, bins=ECE_BINS):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
+
+
+def group_metrics(targets, predictions, class_names, groups, *, min_count=1):
+    """Sensitivity per (true class, group): ``{"CLASS|group": {"n", "correct", "sensitivity", "predicted"}}``.
+
+    ``groups`` gives each film's subgroup (a source, an age band...); ``predicted`` counts the answers by class, so a
+    shortcut shows as where a group's misses go. Groups with fewer than ``min_count`` films are left out.
+    """
+    table = {}
+    keys = sorted(set(zip((int(target) for target in targets), groups)), key=lambda key: (key[0], str(key[1])))
+    targets, predictions, groups = np.asarray(targets), np.asarray(predictions), np.asarray(groups, dtype=object)
+    for target, group in keys:
+        members = (targets == target) & (groups == group)
+        count = int(members.sum())
+        if count < min_count:
+            continue
+        answers = np.bincount(predictions[members], minlength=len(class_names))
+        table[f"{class_names[target]}|{group}"] = {
+            "class": class_names[target], "group": group, "n": count, "correct": int(answers[target]),
+            "sensitivity": _ratio(answers[target], count),
+            "predicted": {name: int(answers[index]) for index, name in enumerate(class_names)},
+        }
+    return table
+
+
+def format_group_table(table, title="group"):
+    """Readable text table of a ``group_metrics`` result."""
+    names = list(next(iter(table.values()))["predicted"]) if table else []
+    lines = [f"{'class':<11}{title:<16}{'n':>6}{'sens':>8}  " + "".join(f"{'->' + name:>12}" for name in names)]
+    for row in table.values():
+        lines.append(f"{row['class']:<11}{str(row['group']):<16}{row['n']:>6}{row['sensitivity']:>8.3f}  "
+                     + "".join(f"{row['predicted'][name]:>12}" for name in names))
+    return "\n".join(lines)
