@@ -10,6 +10,18 @@ from PIL import Image
 from model.network import feature_layer
 from model.transforms import box_in_pixels
 
+# Perceptually uniform (lightness rises steadily from threshold to peak), readable with colour-vision deficiency,
+# unlike jet, whose bright yellow and cyan bands invent edges that are not in the map.
+HEATMAP_COLORMAP = "inferno"
+# Only the strongest activations are drawn: at least this share of the map's peak. Below it the film shows through.
+HEATMAP_THRESHOLD = 0.5
+# Width of the soft edge above the threshold (share of the peak) over which the drawn colour fades in.
+HEATMAP_EDGE = 0.05
+# A central thorax box on the part of the film the model saw, as fractions (left, top, right, bottom): the middle
+# 70 % of its width and rows 10-85 % of its height. No lung segmentation model is available offline; the box is a
+# coarse stand-in for "where the lungs and heart usually are" on a frontal film.
+THORAX_BOX = (0.15, 0.10, 0.85, 0.85)
+
 
 class ActivationRecorder:
     """Keeps the output of the network's last convolutional block from the latest forward pass."""
@@ -61,13 +73,63 @@ def cam_to_image_space(cam, transform_params, image_size, content_box=None):
     return np.asarray(canvas.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
 
 
-def overlay_heatmap(image, heat, *, alpha=0.45, colormap="jet"):
-    """Blend a 0..1 heat array (same size as ``image``) onto a grayscale image; return an RGB image."""
+def heatmap_layer(heat, *, threshold=HEATMAP_THRESHOLD, colormap=HEATMAP_COLORMAP):
+    """A 0..1 heat array as an RGBA image: colour-mapped where heat >= ``threshold``, transparent elsewhere.
+
+    The colour of a pixel is the colour map at its heat (so the legend's scale is the map's own 0..1), and the
+    opacity rises from 0 to 1 over ``HEATMAP_EDGE`` above the threshold, so the drawn regions have soft edges.
+    """
+    heat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
     colors = matplotlib.colormaps[colormap](heat)[..., :3]
+    opacity = np.clip((heat - threshold) / HEATMAP_EDGE, 0.0, 1.0)
+    rgba = np.concatenate([colors, opacity[..., None]], axis=-1)
+    return Image.fromarray(np.uint8(np.round(rgba * 255)), mode="RGBA")
+
+
+def overlay_heatmap(image, heat, *, alpha=0.6, threshold=HEATMAP_THRESHOLD, colormap=HEATMAP_COLORMAP):
+    """The ``heatmap_layer`` of a 0..1 heat array laid over a grayscale image at ``alpha``; return an RGB image."""
+    layer = np.asarray(heatmap_layer(heat, threshold=threshold, colormap=colormap), dtype=np.float32) / 255.0
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    weight = alpha * heat[..., None] ** 0.5  # cool regions stay mostly transparent
-    blended = base * (1 - weight) + colors * weight
-    return Image.fromarray(np.uint8(np.clip(blended, 0, 1) * 255), mode="RGB")
+    weight = alpha * layer[..., 3:]
+    blended = base * (1 - weight) + layer[..., :3] * weight
+    return Image.fromarray(np.uint8(np.round(np.clip(blended, 0, 1) * 255)), mode="RGB")
+
+
+def legend_image(*, width=256, height=16, threshold=HEATMAP_THRESHOLD, colormap=HEATMAP_COLORMAP):
+    """The drawn part of the colour scale, from ``threshold`` (left) to the map's peak (right), as an RGB image."""
+    values = np.linspace(threshold, 1.0, width, dtype=np.float32)
+    colors = matplotlib.colormaps[colormap](values)[..., :3]
+    strip = np.repeat(colors[None, :, :], height, axis=0)
+    return Image.fromarray(np.uint8(np.round(strip * 255)), mode="RGB")
+
+
+def thorax_box_in_pixels(size, content_box=None):
+    """``THORAX_BOX`` in the pixels of an image of ``size`` = (w, h), inside the part the model saw
+    (``content_box``, fractions; None for the whole image): (left, top, right, bottom)."""
+    seen_left, seen_top, seen_right, seen_bottom = box_in_pixels(content_box or (0.0, 0.0, 1.0, 1.0), size)
+    seen_width, seen_height = seen_right - seen_left, seen_bottom - seen_top
+    left, top, right, bottom = THORAX_BOX
+    return (
+        seen_left + round(left * seen_width),
+        seen_top + round(top * seen_height),
+        seen_left + round(right * seen_width),
+        seen_top + round(bottom * seen_height),
+    )
+
+
+def thorax_share(heat, content_box=None):
+    """Share (0..1) of the heat map's total mass inside the central thorax box, or None for an empty map.
+
+    The whole map counts, not only what is drawn above the threshold, as in the energy-based pointing game of
+    Score-CAM (Wang et al. 2020): a map whose mass lies mostly outside the box points at something other than
+    the chest (labels, borders, the abdomen) and deserves suspicion.
+    """
+    heat = np.clip(np.asarray(heat, dtype=np.float64), 0.0, None)
+    total = heat.sum()
+    if total <= 0:
+        return None
+    left, top, right, bottom = thorax_box_in_pixels((heat.shape[1], heat.shape[0]), content_box)
+    return float(heat[top:bottom, left:right].sum() / total)
 
 
 def to_png_bytes(image):
