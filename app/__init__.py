@@ -9,7 +9,8 @@ from flask_wtf.csrf import CSRFProtect
 
 from app.config import ENV_PREFIX, HSTS_HEADER, REPO_ROOT, SECURITY_HEADERS, load_config, model_missing_hint
 from model.errors import CheckpointError
-from model.inference import Predictor
+from model.inference import Predictor, file_sha256
+from model.references import verify_references
 
 csrf = CSRFProtect()
 
@@ -78,12 +79,23 @@ def load_predictor(app):
         ) from error
     if not is_file:
         raise RuntimeError(f"CovidScan cannot start: no model checkpoint at {path}. {model_missing_hint(path)}")
+    pinned = app.config["MODEL_SHA256"]
+    if pinned:
+        actual = file_sha256(path)
+        if actual != pinned:
+            raise RuntimeError(
+                f"CovidScan cannot start: the model checkpoint {path} has SHA-256 {actual}, but "
+                f"{ENV_PREFIX}_MODEL_SHA256 pins {pinned}. The file is not the one this deployment was set up with; "
+                f"restore that file, or update {ENV_PREFIX}_MODEL_SHA256 after checking the new one."
+            )
     try:
         predictor = Predictor.from_path(path, device=app.config["DEVICE"])
+        check_class_names(predictor.class_names, app.config["ALLOWED_CLASS_NAMES"])
+        verify_references(predictor)
     except CheckpointError as error:
         raise RuntimeError(
-            f"CovidScan cannot start: {error}. "
-            f"Point {ENV_PREFIX}_MODEL_PATH at a checkpoint written by scripts/train.py."
+            f"CovidScan cannot start: {error}. Point {ENV_PREFIX}_MODEL_PATH (now {path}) at a checkpoint written "
+            "by scripts/export.py (or scripts/train.py)."
         ) from error
     info = predictor.model_info
     app.logger.info(
@@ -91,6 +103,17 @@ def load_predictor(app):
         info["name"], info["version"], info["arch"], ", ".join(info["classes"]), path, predictor.sha256,
     )
     return predictor
+
+
+def check_class_names(class_names, allowed):
+    """``CheckpointError`` unless the checkpoint's class names are exactly ``allowed``, in that order."""
+    if tuple(class_names) != tuple(allowed):
+        raise CheckpointError(
+            f"the checkpoint's class names are [{', '.join(class_names)}], but this server serves exactly "
+            f"[{', '.join(allowed)}] in that order (a different order would put the wrong label on every answer); "
+            f"for a model retrained on other classes set {ENV_PREFIX}_ALLOWED_CLASS_NAMES="
+            f"{','.join(class_names)}"
+        )
 
 
 def get_predictor():

@@ -3,7 +3,10 @@
 import datetime
 import logging
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,17 +60,29 @@ def load_checkpoint(path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols of foreign files
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, pickles of foreign objects, random bytes...
         raise CheckpointError(
-            f"{path} is not a readable CovidScan checkpoint (truncated, damaged or foreign file): "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            f"{path} is not a readable CovidScan checkpoint (truncated, damaged or foreign file): {load_error_reason(error)}"
         ) from error
     validate_checkpoint(checkpoint, path)
     checkpoint["state_dict"] = {
         key: value.float() if value.is_floating_point() else value for key, value in checkpoint["state_dict"].items()
     }
     return checkpoint
+
+
+def load_error_reason(error):
+    """Why ``torch.load(..., weights_only=True)`` failed, in one sentence, without torch's advice to load unsafely."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text:
+        match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, flags=re.S)
+        detail = " ".join(match.group(1).split()) if match else "content that is not plain tensors and types"
+        return f"the safe loader refused its content ({detail.rstrip('.')})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines)}" if lines else type(error).__name__
 
 
 def validate_checkpoint(checkpoint, path="checkpoint"):
@@ -93,15 +108,46 @@ def validate_checkpoint(checkpoint, path="checkpoint"):
 
 def build_model_from_checkpoint(checkpoint):
     """Rebuild the network described by a loaded checkpoint, in eval mode."""
-    network = build_model(checkpoint["arch"], num_classes=len(checkpoint["class_names"]), weights="none")
+    class_count = len(checkpoint["class_names"])
+    network = build_model(checkpoint["arch"], num_classes=class_count, weights="none")
+    state_dict = checkpoint["state_dict"]
+    head = state_dict.get("fc.weight") if isinstance(state_dict, dict) else None
+    if head is not None and head.ndim == 2 and head.shape[0] != class_count:
+        raise CheckpointError(
+            f"checkpoint weights do not fit {checkpoint['arch']} with {class_count} classes: the weights' final "
+            f"layer has {head.shape[0]} outputs but class_names lists {class_count} "
+            f"({', '.join(checkpoint['class_names'])})"
+        )
     try:
-        network.load_state_dict(checkpoint["state_dict"], strict=True)
+        network.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         raise CheckpointError(
-            f"checkpoint weights do not fit {checkpoint['arch']} with {len(checkpoint['class_names'])} classes: "
-            f"{str(error).splitlines()[0]}"
+            f"checkpoint weights do not fit {checkpoint['arch']} with {class_count} classes: "
+            f"{state_dict_error_reason(error)}"
         ) from error
     return network.eval()
+
+
+def state_dict_error_reason(error, limit=3):
+    """torch's ``load_state_dict`` complaint without its "Error(s) in loading state_dict for ..." preamble.
+
+    The first ``limit`` problems are named in full; the rest are counted.
+    """
+    problems = []
+    for line in str(error).splitlines():
+        line = line.strip()
+        if not line or line.startswith("Error(s) in loading state_dict"):
+            continue
+        heading, colon, keys = line.partition(": ")
+        names = re.findall(r'"([^"]+)"', keys) if colon and "key(s)" in heading else []
+        if len(names) > limit:
+            line = f"{heading}: {len(names)} keys ({', '.join(names[:limit])}, ...)"
+        problems.append(line.rstrip("."))
+    if not problems:
+        return str(error).strip() or type(error).__name__
+    shown = "; ".join(problems[:limit])
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return shown + more
 
 
 def to_serving(checkpoint, *, half=False):

@@ -1,4 +1,9 @@
-"""Turn a training checkpoint (best.pt / last.pt) into a serving checkpoint, optionally float16."""
+"""Turn a training checkpoint (best.pt / last.pt) into a serving checkpoint, optionally float16.
+
+With ``--calibrate DATA`` (or ``--references DATA`` alone) it also stores reference inputs from DATA/val and the
+probabilities the exported weights give them, which the server re-checks at start-up (model/references.py).
+``--references DATA`` on an existing serving checkpoint adds them without refitting anything.
+"""
 
 import argparse
 import json
@@ -25,6 +30,11 @@ def get_args_parser():
     parser.add_argument("--ood-grid", type=int, default=None,
                         help="pool the last block onto this square grid for the OOD features (default 2; 1 = fc's input)")
     parser.add_argument("--ood-components", type=int, default=None, help="PCA components of the OOD features (default 128)")
+    parser.add_argument("--references", metavar="DATA", default=None,
+                        help="dataset root: store reference inputs from DATA/val (default: the --calibrate data); "
+                             "also adds them to an existing serving checkpoint")
+    parser.add_argument("--no-references", action="store_true",
+                        help="store no reference inputs (the server then starts with a warning)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--onnx", metavar="PATH", default=None,
                         help="also write the network as ONNX (input 'images'; outputs 'logits' and the last block's "
@@ -53,9 +63,21 @@ def main(args):
         except CovidScanError as error:
             sys.exit(f"error: {error}")
         print(json.dumps(report, indent=2))
-    serving = to_serving(checkpoint, half=args.half)
+    # A serving checkpoint that already stores float16 stays float16 (float16 -> float32 -> float16 is exact).
+    serving = to_serving(checkpoint, half=args.half or checkpoint.get("storage_dtype") == "float16")
     if args.model_version:
         serving["model_version"] = args.model_version
+    reference_data = None if args.no_references else (args.references or args.calibrate)
+    if reference_data:
+        from model.references import REFERENCES_KEY, build_references
+
+        try:
+            serving[REFERENCES_KEY] = build_references(serving, Path(reference_data) / "val", workers=args.workers)
+        except CovidScanError as error:
+            sys.exit(f"error: {error}")
+        print(f"stored {len(serving[REFERENCES_KEY])} reference input(s) from {Path(reference_data) / 'val'}")
+    elif args.no_references:
+        serving.pop("references", None)
     path = save_checkpoint(serving, args.output)
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({size_mb:.1f} MiB, sha256 {file_sha256(path)})")

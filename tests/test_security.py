@@ -596,3 +596,163 @@ def test_non_utf8_file_name_gets_a_clear_answer(make_app, endpoint):
     text = html.unescape(response.get_data(as_text=True))
     assert "not UTF-8" in text
     assert "security token" not in text
+
+
+# --------------------------------------------------------------------------- checkpoint integrity
+
+
+def run_export(*arguments):
+    """scripts/export.py's main, in this process."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("export_script", REPO_ROOT / "scripts" / "export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    export.main(export.get_args_parser().parse_args([str(argument) for argument in arguments]))
+
+
+@pytest.fixture(scope="session")
+def referenced_checkpoint_path(tmp_path_factory, image_folder):
+    """A tiny resnet18 whose head prefers COVID > NORMAL > PNEUMONIA, exported --half with reference inputs."""
+    import torch
+
+    from model.checkpoint import make_checkpoint, save_checkpoint
+    from model.network import build_model
+    from model.transforms import eval_transform_params
+
+    torch.manual_seed(1)
+    network = build_model("resnet18", num_classes=len(CLASS_NAMES), weights="none")
+    with torch.no_grad():
+        network.fc.bias.copy_(torch.tensor([2.0, 0.5, -1.0]))
+    folder = tmp_path_factory.mktemp("referenced")
+    trained = save_checkpoint(make_checkpoint(network, arch="resnet18", class_names=CLASS_NAMES,
+                                              transform=eval_transform_params(image_size=64, recipe="robust"),
+                                              model_name="covidscan-test", model_version="ref-1"),
+                              folder / "best.pt")
+    run_export("--checkpoint", trained, "--output", folder / "served.pt", "--half", "--references", image_folder,
+               "--workers", "0")
+    return folder / "served.pt"
+
+
+def altered_checkpoint(source, destination, **changes):
+    """A copy of a checkpoint with some entries replaced, written through the real save function."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint.update(changes)
+    return save_checkpoint(checkpoint, destination)
+
+
+def test_export_stores_reference_inputs_keyed_by_class_name(referenced_checkpoint_path):
+    import torch
+
+    checkpoint = torch.load(referenced_checkpoint_path, weights_only=True)
+    references = checkpoint["references"]
+    assert list(references) == CLASS_NAMES
+    for reference in references.values():
+        assert reference["input"].dtype == torch.float16
+        assert tuple(reference["input"].shape) == (1, 64, 64), "one channel: the transform replicates grayscale"
+        assert sorted(reference["probabilities"]) == sorted(CLASS_NAMES)
+        assert abs(sum(reference["probabilities"].values()) - 1) < 1e-4
+    assert checkpoint["storage_dtype"] == "float16"
+
+
+def test_a_checkpoint_with_references_starts_and_checks_them(make_app, referenced_checkpoint_path, caplog):
+    with caplog.at_level(logging.INFO):
+        make_app(MODEL_PATH=str(referenced_checkpoint_path))
+    assert "reference check passed: 3 reference input(s)" in caplog.text
+
+
+def test_a_checkpoint_without_references_starts_with_a_warning(make_app, caplog):
+    with caplog.at_level(logging.WARNING):
+        make_app()
+    assert "holds no reference inputs" in caplog.text
+
+
+def test_swapped_labels_are_refused_even_when_the_list_is_allowed(make_app, referenced_checkpoint_path, tmp_path):
+    swapped = altered_checkpoint(referenced_checkpoint_path, tmp_path / "swapped.pt",
+                                 class_names=["NORMAL", "COVID", "PNEUMONIA"])
+    with pytest.raises(RuntimeError) as refused:
+        make_app(MODEL_PATH=str(swapped), ALLOWED_CLASS_NAMES="NORMAL,COVID,PNEUMONIA")
+    message = str(refused.value)
+    assert message.startswith("CovidScan cannot start: the checkpoint fails its reference check: ")
+    assert "the reference film for COVID now comes out NORMAL" in message
+
+
+@pytest.mark.parametrize("class_names", [["NORMAL", "COVID", "PNEUMONIA"], ["cat", "dog", "bird"]])
+def test_class_names_other_than_the_products_are_refused(make_app, referenced_checkpoint_path, tmp_path,
+                                                         class_names):
+    wrong = altered_checkpoint(referenced_checkpoint_path, tmp_path / "wrong.pt", class_names=class_names)
+    with pytest.raises(RuntimeError) as refused:
+        make_app(MODEL_PATH=str(wrong))
+    message = str(refused.value)
+    assert f"the checkpoint's class names are [{', '.join(class_names)}]" in message
+    assert "exactly [COVID, NORMAL, PNEUMONIA] in that order" in message
+    assert f"COVIDSCAN_ALLOWED_CLASS_NAMES={','.join(class_names)}" in message
+
+
+def test_damaged_weights_fail_the_reference_check(make_app, referenced_checkpoint_path, tmp_path):
+    import torch
+
+    checkpoint = torch.load(referenced_checkpoint_path, weights_only=True)
+    state = dict(checkpoint["state_dict"])
+    state["fc.bias"] = state["fc.bias"].flip(0)
+    damaged = altered_checkpoint(referenced_checkpoint_path, tmp_path / "damaged.pt", state_dict=state)
+    with pytest.raises(RuntimeError, match="fails its reference check"):
+        make_app(MODEL_PATH=str(damaged))
+
+
+def test_references_can_be_added_to_an_existing_serving_checkpoint(make_app, tiny_checkpoint_path, image_folder,
+                                                                   tmp_path, caplog):
+    import torch
+
+    served = tmp_path / "served.pt"
+    run_export("--checkpoint", tiny_checkpoint_path, "--output", served, "--half", "--workers", "0")
+    assert "references" not in torch.load(served, weights_only=True)
+    run_export("--checkpoint", served, "--output", served, "--references", image_folder, "--workers", "0")
+    checkpoint = torch.load(served, weights_only=True)
+    assert list(checkpoint["references"]) == CLASS_NAMES
+    assert checkpoint["storage_dtype"] == "float16", "a float16 serving checkpoint stays float16"
+    with caplog.at_level(logging.INFO):
+        make_app(MODEL_PATH=str(served))
+    assert "reference check passed" in caplog.text
+
+
+def test_model_sha256_pins_the_file(make_app, tiny_checkpoint_path):
+    from model.inference import file_sha256
+
+    digest = file_sha256(tiny_checkpoint_path)
+    assert make_app(MODEL_SHA256=digest.upper()).extensions["predictor"].sha256 == digest
+    with pytest.raises(RuntimeError) as refused:
+        make_app(MODEL_SHA256="0" * 64)
+    assert f"has SHA-256 {digest}, but COVIDSCAN_MODEL_SHA256 pins {'0' * 64}" in str(refused.value)
+    with pytest.raises(RuntimeError, match="COVIDSCAN_MODEL_SHA256 must be the checkpoint's SHA-256"):
+        make_app(MODEL_SHA256="abc")
+
+
+def test_checkpoint_errors_name_their_reason_in_full(make_app, tiny_checkpoint_path, tmp_path):
+    import os
+
+    import torch
+
+    garbage = tmp_path / "random.pt"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(RuntimeError) as refused:
+        make_app(MODEL_PATH=str(garbage))
+    message = str(refused.value)
+    assert "not a readable CovidScan checkpoint" in message and "weights_only" not in message
+    assert "arbitrary code" not in message
+
+    checkpoint = torch.load(tiny_checkpoint_path, weights_only=True)
+    state = dict(checkpoint["state_dict"])
+    state["fc.weight"], state["fc.bias"] = state["fc.weight"][:2], state["fc.bias"][:2]
+    two_outputs = altered_checkpoint(tiny_checkpoint_path, tmp_path / "two.pt", state_dict=state)
+    with pytest.raises(RuntimeError) as refused:
+        make_app(MODEL_PATH=str(two_outputs))
+    message = str(refused.value)
+    assert "the weights' final layer has 2 outputs but class_names lists 3 (COVID, NORMAL, PNEUMONIA)" in message
+    assert "Error(s) in loading state_dict" not in message
