@@ -9,6 +9,8 @@ import sys
 # stays single-threaded, and each worker picks its own thread count in post_fork.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+# No ONNX Runtime telemetry (files under ~/.cache/Microsoft and /tmp/mat-debug-<pid>.log); model/runtime.py sets it too.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 import torch  # noqa: E402
 
@@ -19,13 +21,25 @@ bind = os.environ.get("COVIDSCAN_BIND") or f"127.0.0.1:{os.environ.get('PORT', '
 workers = int(os.environ.get("COVIDSCAN_WORKERS") or os.environ.get("WEB_CONCURRENCY") or 2)
 worker_class = "sync"
 threads = 1
-timeout = 120
+# A sync worker is busy from the first byte of a request to the last of its answer, so this bounds a slow client
+# that reaches gunicorn directly (a prediction takes seconds); in production nginx buffers requests in front of it.
+timeout = 60
 graceful_timeout = 30
+# A request line, header count and header size that no browser or API client needs more than.
+limit_request_line = 8190
+limit_request_fields = 50
+limit_request_field_size = 8190
 preload_app = True  # one copy of the model in the master; workers share its memory pages
 accesslog = "-"
 # X-Forwarded-* headers are believed by the app alone, and only from COVIDSCAN_TRUSTED_PROXIES proxies (ProxyFix);
 # gunicorn's default would take X-Forwarded-Proto from any local process as proof of HTTPS.
 forwarded_allow_ips = ""
+# gunicorn's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl), shared by every instance on
+# the host: each instance names its own (deploy/serve-production.sh puts it in its run folder), or has none.
+if os.environ.get("COVIDSCAN_CONTROL_SOCKET"):
+    control_socket = os.environ["COVIDSCAN_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True
 
 
 def post_fork(server, worker):

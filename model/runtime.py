@@ -8,11 +8,16 @@ import tempfile
 import threading
 import warnings
 
-import torch
-from torch import nn
+# ONNX Runtime's telemetry (Microsoft's 1DS events SDK) is on by default: it writes a device id and an event
+# database under ~/.cache/Microsoft and a mat-debug-<pid>.log into /tmp from every process that imports it. It reads
+# this switch once, on its first import, so it is set before anything can import onnxruntime.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
-from model.errors import CovidScanError
-from model.network import feature_layer
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from model.errors import CovidScanError  # noqa: E402
+from model.network import feature_layer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +203,10 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, network, example_input, *, cache_key=None):
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime
         except ImportError as error:
             raise BackendError("inference backend 'onnx' needs onnxruntime (pip install -r requirements.txt)") from error
+        onnxruntime.disable_telemetry_events()
         # The export takes seconds; a process that builds several Predictors of one checkpoint (tests) does it once.
         export_key = (cache_key, tuple(example_input.shape[1:])) if cache_key else None
         if export_key in _ONNX_EXPORTS:
