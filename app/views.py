@@ -1,13 +1,23 @@
 """HTML pages: the upload form and the result page."""
 
 import base64
+import functools
 import logging
 
+import markdown
 from flask import Blueprint, current_app, render_template
+from markupsafe import Markup
 
 from app import get_predictor, request_id
+from app.config import REPO_ROOT
 from app.forms import ACCEPTED_NAMES, UploadForm, human_size, read_upload, the_upload
-from model.cam import to_png_bytes
+from model.cam import HEATMAP_COLORMAP, HEATMAP_THRESHOLD, THORAX_BOX, legend_image, to_png_bytes
+
+MODEL_CARD_PATH = REPO_ROOT / "MODEL_CARD.md"
+# Classes that do not make a study urgent, as in batch triage (scripts/predict.py); every other class is urgent.
+NON_URGENT_CLASSES = ("NORMAL",)
+# Longest uploaded file name shown on the result page (the name is shown, never stored or logged).
+SHOWN_FILENAME_LENGTH = 120
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +47,31 @@ def predict():
     predictor = get_predictor()
     prediction = predictor.predict_bytes(read_upload(upload), with_heatmap=True)
     logger.info("prediction %s in %.0f ms (form, request %s)", prediction.label, prediction.elapsed_ms, request_id())
+    flagged = bool(prediction.ood and prediction.ood.get("flagged"))
     return render_template(
         "result.html",
         prediction=prediction,
+        flagged=flagged,
         class_names=predictor.class_names,
-        heatmap_uri=png_data_uri(prediction.heatmap) if prediction.heatmap is not None else None,
+        urgent=prediction.label not in NON_URGENT_CLASSES,
+        non_urgent_classes=NON_URGENT_CLASSES,
+        film_uri=png_data_uri(prediction.film) if prediction.film is not None else None,
+        heatmap_uri=png_data_uri(prediction.heatmap_layer) if prediction.heatmap_layer is not None else None,
+        legend_uri=legend_uri(),
+        heatmap_colormap=HEATMAP_COLORMAP,
+        heatmap_threshold=HEATMAP_THRESHOLD,
+        thorax_box=THORAX_BOX,
+        thorax_box_on_film=[round(value * 1000) for value in prediction.thorax_box] if prediction.thorax_box else None,
+        temperature=predictor.checkpoint.get("temperature"),
+        filename=shown_filename(upload.filename),
         image_details=image_details(prediction.metadata),
     )
+
+
+@bp.get("/model-card")
+def model_card():
+    """The shipped model's card, MODEL_CARD.md rendered as a page."""
+    return render_template("model_card.html", card=Markup(model_card_html()))
 
 
 # Technical facts about the upload that the result page may show (never patient or institution fields).
@@ -83,6 +111,35 @@ def first_error(form):
     """The first validation message of a form that did not validate."""
     messages = [message for field_messages in form.errors.values() for message in field_messages]
     return messages[0] if messages else "The upload could not be read; please try again."
+
+
+def shown_filename(filename):
+    """The uploaded file's name as the page shows it: its last path part, shortened when very long; None if absent."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name:
+        return None
+    return name if len(name) <= SHOWN_FILENAME_LENGTH else name[: SHOWN_FILENAME_LENGTH - 1] + "…"
+
+
+@functools.cache
+def legend_uri():
+    """The heatmap's colour scale as an inline PNG (the same for every page, so made once)."""
+    return png_data_uri(legend_image())
+
+
+@functools.cache
+def model_card_html():
+    """MODEL_CARD.md as HTML, rendered once per process (the file ships with the code).
+
+    Table alignment becomes ``align`` attributes rather than ``style`` ones, which the strict CSP would block.
+    """
+    text = MODEL_CARD_PATH.read_text(encoding="utf-8")
+    return markdown.markdown(
+        text,
+        extensions=["tables", "fenced_code", "toc", "sane_lists"],
+        extension_configs={"tables": {"use_align_attribute": True}},
+        output_format="html",
+    )
 
 
 def png_data_uri(image):
