@@ -546,6 +546,27 @@ def test_logs_hold_request_ids_but_no_file_names_pixels_or_patient_fields(make_a
         assert response.headers["X-Request-ID"] in logged, "every upload leaves a line with its request id"
 
 
+def malformed_dicom_naming_a_patient():
+    """A DX DICOM whose NumberOfFrames (an integer string) holds a patient's name: pydicom warns, quoting it."""
+    from test_dicom import make_dataset, to_bytes
+
+    pixels = make_xray_array(9, size=(128, 128)).astype(np.uint16) * 16
+    data = to_bytes(make_dataset(pixels, bits_stored=12, NumberOfFrames="31415926", **PATIENT_FIELDS))
+    assert data.count(b"31415926") == 1
+    return data.replace(b"31415926", b"Doe^Jane")  # same length: pydicom would not write it itself
+
+
+def test_library_warnings_are_logged_without_the_values_they_quote(make_app, caplog, capfd):
+    client = make_app().test_client()
+    with caplog.at_level(logging.DEBUG):
+        response = post_api(client, malformed_dicom_naming_a_patient(), filename="study.dcm")
+    assert response.status_code < 500
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "<value withheld>" in logged, "the library's warning is logged, without its value"
+    for secret in ("Doe", "Jane", "Quixote", "Dulcinea", "PID-314159"):
+        assert secret not in logged, f"{secret!r} reached the logs"
+
+
 def test_request_id_is_on_refused_upload_pages_and_in_error_json_headers(make_app):
     client = make_app().test_client()
     page = post_form(client, b"not an image")
