@@ -186,8 +186,9 @@ class Store:
         added = 0
         with self.engine.begin() as connection:
             for row in rows:
-                statement = insert(Image).values(**row).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                added += connection.execute(statement).rowcount
+                statement = (insert(Image).values(**row).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                             .returning(Image.id))  # rowcount is not reliable here across drivers
+                added += len(connection.execute(statement).all())
         return added
 
     def known_sop_uids(self, sop_uids):

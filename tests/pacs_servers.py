@@ -6,6 +6,7 @@ stopped by ``stop()``. ``pacs/demo.py`` starts the same Orthanc for ``make pacs-
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -98,10 +99,15 @@ class PostgresServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self):
-        """Fast shutdown (SIGINT), then SIGKILL if it lingers."""
+        """Fast shutdown (SIGINT to the postmaster), then SIGKILL if it lingers."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(2)
+        # The postmaster itself, not runuser in front of it (which need not pass the signal on).
+        pid_file = self.data / "postmaster.pid"
+        try:
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
+        except (OSError, ValueError, IndexError):
+            self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
