@@ -125,9 +125,12 @@ def cache_features(trunk, dataset, path, *, views, batch_size=16, workers=2, pre
     return np.load(path, mmap_mode="r")
 
 
-def group_balanced_weights(targets, sources, *, min_group=MIN_BALANCED_GROUP):
-    """Per-film sampling weights: each class a third; inside a class, each source group of at least ``min_group``
-    films an equal share of what smaller groups leave (smaller groups keep their natural share)."""
+def group_balanced_weights(targets, sources, *, min_group=MIN_BALANCED_GROUP, balance=1.0):
+    """Per-film sampling weights (summing to 1): each class an equal share; inside a class, each source group of at
+    least ``min_group`` films an equal share of what smaller groups leave (smaller groups keep their natural share).
+
+    ``balance`` blends this with drawing every film equally often: 1 is fully group-balanced, 0 the natural mix.
+    """
     groups = list(zip(targets, sources))
     sizes = Counter(groups)
     class_sizes = Counter(targets)
@@ -139,8 +142,8 @@ def group_balanced_weights(targets, sources, *, min_group=MIN_BALANCED_GROUP):
         share.update(small)
         left = 1.0 - sum(small.values())
         share.update({group: left / len(large) for group in large} if large else {})
-    weights = [share[group] / sizes[group] / len(class_sizes) for group in groups]
-    return torch.tensor(weights, dtype=torch.double)
+    weights = torch.tensor([share[group] / sizes[group] / len(class_sizes) for group in groups], dtype=torch.double)
+    return balance * weights + (1.0 - balance) / len(groups)
 
 
 def group_recalls(targets, predictions, sources, class_names):
@@ -320,7 +323,8 @@ def finetune(args):
     val_cache = cache_features(trunk, val_set, cache_dir / f"val-{tag}.npy", views=1, **options)
     train_cache = cache_features(trunk, train_set, cache_dir / f"train-{tag}-v{args.views}.npy",
                                  views=1 + args.views, **options)
-    weights = group_balanced_weights(train_set.targets, train_sources, min_group=args.min_group)
+    weights = group_balanced_weights(train_set.targets, train_sources, min_group=args.min_group,
+                                     balance=args.balance)
     held_out = set(args.holdout_source or ())
     unknown = held_out - set(train_sources)
     if unknown:

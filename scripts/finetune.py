@@ -40,6 +40,9 @@ def get_args_parser():
     parser.add_argument("--min-group", type=int, default=100,
                         help="(class, source) groups with at least this many training films are drawn equally often "
                              "within their class; smaller ones keep their natural share (default %(default)s)")
+    parser.add_argument("--balance", type=float, default=1.0,
+                        help="1: draw (class, source) groups as above; 0: draw every film equally often; in between "
+                             "a blend of the two (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)

@@ -152,3 +152,14 @@ def test_selection_score_ignores_small_and_held_out_groups():
                "NORMAL|a": {"n": 5, "sensitivity": 0.0}}
     assert selection_score(recalls) == pytest.approx(0.5)
     assert selection_score(recalls, held_out={"b"}) == pytest.approx(1.0)
+
+
+def test_balance_blends_group_balanced_and_natural_draws():
+    from model.finetune import group_balanced_weights
+
+    targets, sources = [0] * 90 + [1] * 10, ["a"] * 90 + ["b"] * 10
+    natural = group_balanced_weights(targets, sources, balance=0.0).numpy()
+    half = group_balanced_weights(targets, sources, balance=0.5).numpy()
+    assert natural == pytest.approx(np.full(100, 0.01))
+    assert half[-10:].sum() == pytest.approx(0.5 * 0.5 + 0.5 * 0.1)
+    assert half.sum() == pytest.approx(1.0)
