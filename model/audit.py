@@ -27,7 +27,7 @@ from model.data import load_image, make_image_folder, read_manifest_sources
 from model.engine import predict_logits
 from model.errors import DataError
 from model.metrics import _pyplot, compute_metrics, softmax
-from model.transforms import ROBUST_SETTINGS, build_eval_transform
+from model.transforms import build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -311,16 +311,11 @@ class PerturbedImages(Dataset):
         return self.transform(image), int(self.split.targets[index])
 
 
-def predict_split(network, transform, split, *, perturbation=None, seed=0, batch_size=32, workers=0, device="cpu",
-                  view_shares=None):
-    """Logits and pooled penultimate features (global average of the last block = the input of ``fc``).
-
-    ``view_shares``: average both over centred crops keeping these area shares (``engine.centre_crops``).
-    """
+def predict_split(network, transform, split, *, perturbation=None, seed=0, batch_size=32, workers=0, device="cpu"):
+    """Logits and pooled penultimate features (global average of the last block = the input of ``fc``)."""
     loader = DataLoader(PerturbedImages(split, transform, perturbation, seed), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
-    logits, features, _ = predict_logits(network, loader, torch.device(device), with_features=True,
-                                         view_shares=view_shares)
+    logits, features, _ = predict_logits(network, loader, torch.device(device), with_features=True)
     return logits, features
 
 
@@ -364,7 +359,7 @@ def per_source_metrics(targets, probabilities, sources, class_names):
 
 
 def perturbation_stability(network, transform, split, clean_predictions, perturbations, *, seed=0, batch_size=32,
-                           workers=0, device="cpu", view_shares=None):
+                           workers=0, device="cpu"):
     """Flip rate (prediction changed vs the clean one) and accuracy for each perturbation, overall and per source,
     and the sensitivity of each (class, source) group under it ("CLASS:SOURCE")."""
     sources = np.asarray(split.sources)
@@ -373,7 +368,7 @@ def perturbation_stability(network, transform, split, clean_predictions, perturb
     results = {}
     for number, perturbation in enumerate(perturbations, start=1):
         logits, _ = predict_split(network, transform, split, perturbation=perturbation, seed=seed,
-                                  batch_size=batch_size, workers=workers, device=device, view_shares=view_shares)
+                                  batch_size=batch_size, workers=workers, device=device)
         predictions = logits.argmax(axis=1)
         flipped = predictions != clean_predictions
         accuracy = float((predictions == split.targets).mean())
@@ -473,11 +468,8 @@ def bootstrap_balanced_accuracy(labels, predicted, *, resamples=PROBE_BOOTSTRAP,
 
 
 def run_audit(checkpoint_path, data_dir, output_dir, *, manifest=None, limit=None, seed=0, batch_size=32, workers=2,
-              device="cpu", perturbations=None, loso_json=None, min_probe_images=MIN_PROBE_IMAGES, view_shares=None):
+              device="cpu", perturbations=None, loso_json=None, min_probe_images=MIN_PROBE_IMAGES):
     """Run parts 1-3 on one split (and attach a LOSO result); write audit.md, audit.json and plots; return the dict.
-
-    ``view_shares``: predict by averaging over centred crops keeping these area shares (test-time crops, an
-    experiment; serving does not do this); None or (1,) is the model as served.
     """
     started = time.perf_counter()
     checkpoint = load_checkpoint(checkpoint_path)
@@ -488,7 +480,7 @@ def run_audit(checkpoint_path, data_dir, output_dir, *, manifest=None, limit=Non
     split = load_split(data_dir, class_names, manifest, limit=limit, seed=seed).decode()
     transform = build_eval_transform(checkpoint["transform"])
     network = build_model_from_checkpoint(checkpoint).to(device)
-    options = {"batch_size": batch_size, "workers": workers, "device": device, "view_shares": view_shares}
+    options = {"batch_size": batch_size, "workers": workers, "device": device}
 
     logger.info("clean pass over %d images", len(split.paths))
     logits, features = predict_split(network, transform, split, **options)
@@ -515,7 +507,6 @@ def run_audit(checkpoint_path, data_dir, output_dir, *, manifest=None, limit=Non
         "manifest": str(manifest),
         "limit": limit,
         "seed": seed,
-        "test_time_crops": list(view_shares) if view_shares else None,
         "n": len(split.paths),
         "class_names": class_names,
         "sources": split.source_repos,
@@ -573,9 +564,6 @@ def format_report(result):
         + ")",
         f"- eval transform: {transform['image_size']} px, {transform['resize_mode']}, "
         f"intensity {transform['intensity']}",
-        *([f"- test-time crops (an experiment, not what serving does): logits averaged over centred crops keeping "
-           f"{', '.join(f'{share:g}' for share in result['test_time_crops'])} of the area"]
-          if result.get("test_time_crops") else []),
         f"- data: `{result['data']}`, {result['n']} images{subset}",
         f"- sources: " + ", ".join(f"`{tag}` = {repo}" for tag, repo in sorted(result["sources"].items())),
         f"- overall accuracy {percent(result['overall']['accuracy'])}, macro-F1 {result['overall']['macro_f1']:.3f}",
@@ -835,24 +823,28 @@ def build_holdout_folder(entries, class_name, source, folder):
     return {split: dict(sorted(counter.items())) for split, counter in counts.items()}
 
 
-# Options recorded only when set away from their default (the value here), so that folds run before an option
-# existed still match a rerun that leaves it off; the LOSO report names them
-_LOSO_OPTIONS = {"intensity": None, "resize": None, "trim_borders": False, "random_frame": 0.0, "hflip": 0.0,
-                 "robust_without": None, "source_adversary": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
-                 "label_smoothing": 0.0, "consistency_weight": 0.0, **ROBUST_SETTINGS}
+# Options of LOSO runs made before the recipes became presets (model/presets.py), named in the report when set away
+# from their default (the value here), so that older loso.json files still read as they were run
+_LEGACY_OPTIONS = {"intensity": None, "resize": None, "trim_borders": False, "random_frame": 0.0, "hflip": 0.0,
+                   "robust_without": None, "source_adversary": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+                   "label_smoothing": 0.0, "consistency_weight": 0.0, "acquisition_probability": 0.8,
+                   "affine_degrees": 10.0, "affine_translate": 0.06, "affine_scale": 0.1, "crop_scale": 0.6}
 
 
 def _option_set(key, value):
-    return value not in (None, [], ()) and value != _LOSO_OPTIONS[key]
+    return value not in (None, [], ()) and value != _LEGACY_OPTIONS[key]
 
 
 def _loso_config(train_args, min_train_images):
-    keys = ("arch", "weights", "recipe", "image_size", "epochs", "batch_size", "lr", "opt", "weight_decay",
-            "class_weighting", "sampler", "seed")
+    """What makes two LOSO runs comparable: model, preset and schedule (worker and thread counts left out)."""
+    from model.presets import get_preset
+
+    preset = get_preset(train_args.preset)
+    keys = ("arch", "weights", "preset", "image_size", "epochs", "batch_size", "opt", "weight_decay", "sampler",
+            "seed")
     config = {key: getattr(train_args, key) for key in keys if hasattr(train_args, key)}
-    config.update({key: getattr(train_args, key) for key in _LOSO_OPTIONS
-                   if _option_set(key, getattr(train_args, key, None))})
-    config["min_train_images"] = min_train_images
+    config.update(recipe=preset.recipe, lr=preset.lr if train_args.lr is None else train_args.lr,
+                  min_train_images=min_train_images)
     return config
 
 
@@ -993,14 +985,15 @@ def _option_text(value):
 def format_loso_markdown(loso, *, heading=True):
     """Markdown table of a LOSO result (held-out sensitivity next to the kept sources' sensitivity)."""
     config = loso["config"]
-    options = "".join(f", {key.replace('_', ' ')} {_option_text(config[key])}" for key in _LOSO_OPTIONS
+    options = "".join(f", {key.replace('_', ' ')} {_option_text(config[key])}" for key in _LEGACY_OPTIONS
                       if _option_set(key, config.get(key)))
     if config.get("sampler", "shuffle") != "shuffle":
         options += f", sampler {config['sampler']}"
     lines = ["# Leave-one-source-out", ""] if heading else []
     lines += [
         f"Configuration: {config.get('arch')}, {config.get('image_size')} px, {config.get('epochs')} epochs, "
-        f"recipe {config.get('recipe')}{options}, weights {config.get('weights')}, seed {config.get('seed')}; "
+        f"{'preset ' + config['preset'] if config.get('preset') else 'recipe ' + str(config.get('recipe'))}"
+        f"{options}, weights {config.get('weights')}, seed {config.get('seed')}; "
         f"wall time {loso['wall_seconds'] / 60:.1f} min. Each fold trains without one source's images of one "
         "class (train and val) and is tested on that source's images of the class in the original test split. "
         "A held-out sensitivity far below the kept sources' means the class was learned through its source.",

@@ -17,13 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, epoch, *, scaler=None,
-                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False, adversary=None,
-                    mixing=None, consistency_weight=0.0):
+                    channels_last=False, progress=True, ema=None, ema_every=1, ema_restart=False, mixing=None,
+                    consistency_weight=0.0):
     """Train for one epoch (scheduler stepped per batch); return mean loss, accuracy and images/s.
 
     With ``ema`` (a weight average) update it every ``ema_every`` steps; ``ema_restart`` (warm-up epochs)
-    makes it copy the weights instead of averaging them. With ``adversary`` (a ``SourceAdversary``) the
-    loader yields ``(images, (classes, sources))`` and its loss joins the class loss. With ``mixing``
+    makes it copy the weights instead of averaging them. With ``mixing``
     (``model.transforms.batch_mixing``) each batch is mixed on the device and the loss takes its soft targets;
     train accuracy then counts the class with the larger share of each mixed film. With ``consistency_weight`` the
     loader yields two views of each film (``model.transforms.TwoViews``): the class loss sees the first, and the
@@ -33,14 +32,11 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
     """
     network.train()
     # Sums stay on the device: a .item() per step would stall the CPU until the GPU caught up, every step.
-    total_loss, total_correct, total_seen, source_correct = 0.0, 0.0, 0, 0.0
+    total_loss, total_correct, total_seen = 0.0, 0.0, 0
     start = time.perf_counter()
     show_progress = progress and is_main_process()
     batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress)
     for step, (images, targets) in enumerate(batches):
-        sources = None
-        if isinstance(targets, (list, tuple)):
-            targets, sources = targets[0], targets[1].to(device, non_blocking=True)
         two_views = isinstance(images, (list, tuple))
         views = [view.to(device, non_blocking=True) for view in (images if two_views else [images])]
         targets = loss_targets = targets.to(device, non_blocking=True)
@@ -57,10 +53,6 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
             class_loss = loss = criterion(logits, loss_targets)
             if two_views:
                 loss = class_loss + consistency_weight * jensen_shannon(logits, second_logits)
-            if adversary is not None and sources is not None:
-                adversary_loss, correct = adversary.loss(targets, sources)
-                loss = class_loss + adversary_loss
-                source_correct += correct
         backward_and_step(loss, optimizer, scaler)
         scheduler.step()
         if ema is not None and step % ema_every == 0:
@@ -76,14 +68,11 @@ def train_one_epoch(network, criterion, optimizer, scheduler, loader, device, ep
     total_loss, total_correct, total_seen = all_reduce_sum([float(total_loss), float(total_correct), total_seen],
                                                            device)
     elapsed = time.perf_counter() - start
-    stats = {
+    return {
         "train_loss": total_loss / max(total_seen, 1),
         "train_accuracy": total_correct / max(total_seen, 1),
         "train_images_per_second": total_seen / elapsed,
     }
-    if adversary is not None:  # how well the adversary still tells sources apart (single process only)
-        stats["train_source_accuracy"] = source_correct / max(total_seen, 1)
-    return stats
 
 
 def jensen_shannon(first_logits, second_logits):
@@ -106,37 +95,14 @@ def backward_and_step(loss, optimizer, scaler=None):
         optimizer.step()
 
 
-def centre_crops(images, shares):
-    """Centred crops of a batch of model inputs, each keeping a share of the area and resized back to full size.
-
-    Share 1 is the batch itself. Averaging a network's logits over such views (``predict_logits(view_shares=)``)
-    makes its prediction depend less on exactly where the film was framed.
-    """
-    height, width = images.shape[-2:]
-    for share in shares:
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"a view keeps a share of the area in (0, 1], not {share}")
-        side = share ** 0.5
-        crop_height, crop_width = max(1, round(height * side)), max(1, round(width * side))
-        if (crop_height, crop_width) == (height, width):
-            yield images
-            continue
-        top, left = (height - crop_height) // 2, (width - crop_width) // 2
-        crop = images[..., top:top + crop_height, left:left + crop_width]
-        yield torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False,
-                                              antialias=True)
-
-
 @torch.inference_mode()
 def predict_logits(network, loader, device, *, channels_last=False, progress=False, description="eval",
-                   with_features=False, feature_grid=1, view_shares=None):
+                   with_features=False, feature_grid=1):
     """Run ``network`` over ``loader``; return (logits, targets) as numpy arrays.
 
     With ``with_features`` also return the last block's activations average-pooled onto a ``feature_grid``
     square (grid 1: the penultimate features, the input of ``fc``): (logits, features, targets).
-    With ``view_shares`` (area shares, see ``centre_crops``) the logits and features are averages over those views.
     """
-    views = tuple(view_shares or (1.0,))
     network.eval()
     all_logits, all_features, all_targets = [], [], []
     handle = None
@@ -149,10 +115,7 @@ def predict_logits(network, loader, device, *, channels_last=False, progress=Fal
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            logits = [network(view).float().cpu() for view in centre_crops(images, views)]
-            all_logits.append(torch.stack(logits).mean(0))
-            if with_features and len(views) > 1:  # the hook appended one entry per view
-                all_features[-len(views):] = [torch.stack(all_features[-len(views):]).mean(0)]
+            all_logits.append(network(images).float().cpu())
             all_targets.append(targets)
     finally:
         if handle is not None:

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 # 256 rather than 128 since model 2026.11.27-4: on its 2 x 2 features the Mahalanobis score alone flagged 87 %
-# instead of 78 % of the OOD sets of scripts/evaluate_ood.py on average (1500 train images, threshold at 1 % of
+# instead of 78 % of the OOD sets of research/evaluate_ood.py on average (1500 train images, threshold at 1 % of
 # val; every AUROC >= 0.99; 32 and 64 components did worse, a 3 x 3 grid too).
 DEFAULT_COMPONENTS = 256
 DEFAULT_GRID = 2

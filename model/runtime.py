@@ -21,19 +21,19 @@ from model.network import feature_layer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "channels_last", "torchscript", "bf16", "onnx")
+# eager: the reference and the fallback; channels_last: for other devices; onnx: the CPU default; bf16: the fastest
+# at batch 16 on trained weights, batch triage's candidate (scripts/predict.py --backend bf16). A TorchScript backend
+# was measured too (benchmarks/README.md) and dropped: slower than onnx at batch 1 and than bf16 at batch 16.
+BACKENDS = ("eager", "channels_last", "bf16", "onnx")
 # Chosen by benchmarks/bench_inference.py: the fastest backend that agrees with eager on every test image
 # (same class, max |delta p| <= 0.01). benchmarks/README.md has the figures behind this choice.
 DEFAULT_BACKEND = "onnx"
 BACKEND_ENVIRONMENT_VARIABLE = "COVIDSCAN_INFERENCE_BACKEND"
 # Backends that only make sense on the CPU; other devices run eager or channels_last.
-CPU_ONLY_BACKENDS = ("torchscript", "bf16", "onnx")
+CPU_ONLY_BACKENDS = ("bf16", "onnx")
 ONNX_OPSET = 18
 # The ONNX exporter logs each optimisation pass at INFO.
 EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
-
-# torch.jit still works in this torch release but warns on every call; the warning is not actionable here.
-JIT_DEPRECATION = r".*torch\.jit\.\w+` is deprecated"
 
 _ONNX_EXPORTS = {}  # (checkpoint sha256, input shape) -> ONNX bytes
 
@@ -92,7 +92,6 @@ def build_runtime(network, backend, *, example_input, device="cpu", cache_key=No
     builders = {
         "eager": EagerRuntime,
         "channels_last": ChannelsLastRuntime,
-        "torchscript": TorchScriptRuntime,
         "bf16": Bfloat16Runtime,
         "onnx": OnnxRuntime,
     }
@@ -148,29 +147,6 @@ class ChannelsLastRuntime(Runtime):
     def __call__(self, batch):
         logits, features = self.module(batch.contiguous(memory_format=torch.channels_last))
         return logits, features.contiguous()
-
-
-class TorchScriptRuntime(Runtime):
-    """``torch.jit.trace`` + ``freeze`` (batch norm folded into the convolutions) + ``optimize_for_inference``."""
-
-    name = "torchscript"
-
-    def __init__(self, network, example_input):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=JIT_DEPRECATION)
-            with torch.inference_mode(False), torch.no_grad():
-                traced = torch.jit.trace(FeatureNetwork(network).eval(), example_input, check_trace=False)
-                self.module = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-            # The profiling executor specialises the graph during the first calls; do them now, not per request.
-            for _ in range(2):
-                self(example_input)
-
-    def __call__(self, batch):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=JIT_DEPRECATION)
-            with torch.no_grad():
-                logits, features = self.module(batch)
-        return logits, features
 
 
 class Bfloat16Runtime(Runtime):

@@ -15,28 +15,24 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-RECIPES = ("tutorial", "robust")
-# The robust recipe's random augmentations that an ablation may switch off (`scripts/train.py --robust-without`)
-ROBUST_AUGMENTATIONS = ("acquisition", "crop", "affine", "erasing")
-# Share of robust-recipe training films that get 1-3 random acquisition changes (`scripts/train.py
-# --acquisition-probability`)
+RECIPES = ("tutorial", "robust")  # the families of random augmentations (``build_train_transform``)
+# The robust recipe: share of training films that get 1-3 random acquisition changes
 ACQUISITION_PROBABILITY = 0.8
-# Largest rotation, in degrees either way, of the robust recipe's random affine moves (`--affine-degrees`)
+# Largest rotation, in degrees either way, of its random affine moves; largest shift, as a share of the film's width
+# and height; largest change of scale either way (0.1 scales by 0.9-1.1)
 AFFINE_DEGREES = 10.0
-# Largest shift of those moves, as a share of the film's width and height (`--affine-translate`), and largest change
-# of scale either way (`--affine-scale`: 0.1 scales by 0.9-1.1); 0 switches either off
 AFFINE_TRANSLATE = 0.06
 AFFINE_SCALE = 0.1
-# Smallest share of the film's area that the robust recipe's random resized crop keeps (`--crop-scale`); 1 keeps the
-# whole film at each crop's aspect ratio
+# Smallest share of the film's area that its random resized crop keeps
 CROP_SCALE = 0.6
-# The robust recipe's settings (``build_train_transform`` keyword = `scripts/train.py` option) and their defaults
-ROBUST_SETTINGS = {"acquisition_probability": ACQUISITION_PROBABILITY, "affine_degrees": AFFINE_DEGREES,
-                   "affine_translate": AFFINE_TRANSLATE, "affine_scale": AFFINE_SCALE, "crop_scale": CROP_SCALE}
-INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "clahe", "autocontrast")
-# CLAHE on the model-sized image: 8 x 8 tiles, contrast limit 2 (the usual chest X-ray setting).
-CLAHE_CLIP_LIMIT = 2.0
-CLAHE_TILES = 8
+# Share of films, and area of each box, that its random erasing blanks
+ERASING_PROBABILITY = 0.3
+ERASING_SCALE = (0.01, 0.06)
+# "equalize_foreground" and "autocontrast" serve checkpoints of earlier experiments; no preset uses them.
+INTENSITY_MODES = ("none", "equalize", "equalize_foreground", "autocontrast")
+# Modes that checkpoints of earlier experiments may name but that are no longer built, with the reason.
+RETIRED_INTENSITY_MODES = {"clahe": "CLAHE left the source in the features and was dropped with OpenCV; "
+                                    "retrain with a current preset"}
 RESIZE_MODES = ("squash", "letterbox")
 # Border trimming (``TrimBorders``): rows and columns are judged on a copy at most this many pixels a side, each
 # smoothed along itself over BORDER_SMOOTHING pixels; a row or column is a flat border where its 2nd-98th
@@ -52,16 +48,16 @@ class IntensityNormalize:
     """Per-image intensity normalisation, removing the grey-level signature of each scanner and site.
 
     ``equalize``: histogram equalisation of the whole image; black padding and borders count in the histogram.
-    ``equalize_foreground``: the same, with the histogram taken over non-black pixels only, so that a black
-    border or the letterbox padding does not shift every grey level. ``clahe``: contrast-limited adaptive
-    equalisation (OpenCV), which works per tile. ``autocontrast``: a 1 % percentile stretch.
+    ``equalize_foreground``: the same, with the histogram taken over non-black pixels only.
+    ``autocontrast``: a 1 % percentile stretch.
     """
 
     def __init__(self, mode="none"):
+        if mode in RETIRED_INTENSITY_MODES:
+            raise ValueError(f"the intensity mode {mode!r} is no longer supported: {RETIRED_INTENSITY_MODES[mode]}")
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {INTENSITY_MODES}")
         self.mode = mode
-        self._clahe = None
 
     def __call__(self, image):
         if self.mode == "equalize":
@@ -71,22 +67,9 @@ class IntensityNormalize:
             if foreground.getbbox() is None:
                 return image
             return ImageOps.equalize(image, mask=foreground)
-        if self.mode == "clahe":
-            return Image.fromarray(self._clahe_operator().apply(np.asarray(image, dtype=np.uint8)), mode="L")
         if self.mode == "autocontrast":
             return ImageOps.autocontrast(image, cutoff=1)
         return image
-
-    def _clahe_operator(self):
-        # Imported on first use; a cv2.CLAHE object cannot be pickled into DataLoader workers, so build it lazily.
-        if self._clahe is None:
-            import cv2
-
-            self._clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
-        return self._clahe
-
-    def __getstate__(self):
-        return {"mode": self.mode, "_clahe": None}
 
     def __repr__(self):
         return f"{type(self).__name__}(mode={self.mode!r})"
@@ -232,37 +215,14 @@ class RandomAcquisition:
         return f"{type(self).__name__}(probability={self.probability})"
 
 
-class RandomFrame:
-    """Pad some sides of the film with a black (or, less often, white) frame of random width.
-
-    Films of one source carry frames that others lack (scanned figures, letterboxed exports), so a frame can
-    tell the source; adding random frames to every source's films in training takes that cue away. Each side
-    gets a frame with probability 0.7, 1-12 % of the film's size; the audit's fixed ``border_pad_7`` is one point
-    of this range, not its rule.
-    """
-
-    def __init__(self, probability=0.3):
-        self.probability = probability
-
-    def __call__(self, image):
-        if random.random() >= self.probability:
-            return image
-        sizes = (image.width, image.height, image.width, image.height)  # left, top, right, bottom
-        border = tuple(round(size * random.uniform(0.01, 0.12)) if random.random() < 0.7 else 0 for size in sizes)
-        return ImageOps.expand(image, border=border, fill=0 if random.random() < 0.8 else 255)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(probability={self.probability})"
-
-
 def eval_transform_params(*, image_size=224, recipe="tutorial", intensity=None, resize_mode=None, trim_borders=False):
     """Return the plain-dict description of the eval transform that is stored in checkpoints.
 
     ``intensity`` overrides the recipe's intensity normalisation (one of ``INTENSITY_MODES``), ``resize_mode``
     its resize (one of ``RESIZE_MODES``). Both recipes squash to a square by default: letterboxing keeps the
     aspect ratio but draws black bars on non-square films only, and on CXR-3 that marks the source (Cohen's films
-    are not square, the Radiography DB's all are). Measured in docs/audit.md ("Letterbox or squash"); the
-    shipped model 2026.11.27-4 was trained before that and letterboxes (``--resize letterbox``).
+    are not square, the Radiography DB's all are). The shipped model 2026.11.27-4 was trained before that was
+    found and letterboxes (the ``robust`` preset).
     ``trim_borders``: crop each film to its ``content_box`` before anything else (``TrimBorders``); checkpoints
     written before the option existed lack the key and do not trim.
     """
@@ -316,40 +276,13 @@ def build_eval_transform(params):
     )
 
 
-def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, flip_probability=0.0, without=(),
-                          acquisition_probability=ACQUISITION_PROBABILITY, affine_degrees=AFFINE_DEGREES,
-                          affine_translate=AFFINE_TRANSLATE, affine_scale=AFFINE_SCALE, crop_scale=CROP_SCALE):
-    """Build the augmenting train transform matching ``params`` (the eval transform's description).
+def build_train_transform(params, *, recipe="tutorial"):
+    """Build the augmenting train transform of ``recipe`` matching ``params`` (the eval transform's description).
 
-    ``frame_probability``: share of robust-recipe films that get a random frame (``RandomFrame``).
-    ``flip_probability``: share of robust-recipe films mirrored left to right. Off by default: a mirrored film puts
-    the heart and the laterality marker on the wrong side, and flips showed no LOSO gain (docs/audit.md).
-    ``without``: names from ``ROBUST_AUGMENTATIONS`` left out of the robust recipe, for single-augmentation
-    ablations (without "crop" the film is resized to the model size whole, as at evaluation).
-    ``acquisition_probability``: share of robust-recipe films that get random acquisition changes
-    (``RandomAcquisition``); lower is milder.
-    ``affine_degrees``: largest rotation of the robust recipe's random affine moves, either way.
-    ``affine_translate``, ``affine_scale``: largest shift of those moves (share of width and height) and largest
-    change of scale either way; at 0 the move has none, so with ``affine_degrees=20``, ``flip_probability=0.5`` and
-    every other augmentation left out the robust recipe is the tutorial's, with the robust recipe's intensity.
-    ``crop_scale``: smallest share of the film's area that the random resized crop keeps; higher is milder.
+    ``tutorial``: resize, random rotation up to 20 degrees, horizontal flips. ``robust``: acquisition-like changes,
+    random resized crops, small affine moves and random erasing, and no flips: a mirrored film puts the heart and the
+    laterality marker on the wrong side, and flips showed no gain in transfer to unseen sources.
     """
-    unknown = sorted(set(without) - set(ROBUST_AUGMENTATIONS))
-    if unknown:
-        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {ROBUST_AUGMENTATIONS}")
-    if without and recipe != "robust":
-        raise ValueError("leaving augmentations out applies to the robust recipe only")
-    for name, value, default, high in (("acquisition probability", acquisition_probability, ACQUISITION_PROBABILITY, 1),
-                                       ("affine degrees", affine_degrees, AFFINE_DEGREES, 180),
-                                       ("affine translate", affine_translate, AFFINE_TRANSLATE, 1),
-                                       ("affine scale", affine_scale, AFFINE_SCALE, 0.9),
-                                       ("crop scale", crop_scale, CROP_SCALE, 1)):
-        if not 0.0 <= value <= high:
-            raise ValueError(f"{name} must lie in [0, {high:g}], not {value}")
-        if value != default and recipe != "robust":
-            raise ValueError(f"the {name} setting applies to the robust recipe only")
-    if crop_scale != CROP_SCALE and "crop" in without:
-        raise ValueError("the crop scale setting needs the robust recipe's crops, which are left out")
     size = params["crop_size"]
     tail = [
         T.Grayscale(num_output_channels=params["channels"]),
@@ -363,30 +296,25 @@ def build_train_transform(params, *, recipe="tutorial", frame_probability=0.0, f
             + tail
         )
     if recipe == "robust":
-        def keep(name, step):
-            return [] if name in without else [step]
-
         return T.Compose(
             _trim(params)  # on the film as decoded, as in serving: before any augmentation
-            + keep("acquisition", RandomAcquisition(probability=acquisition_probability))
-            + [RandomFrame(probability=frame_probability), _resize(params)]
-            + (keep("crop", T.RandomResizedCrop(size, scale=(crop_scale, 1.0), ratio=(0.8, 1.25)))
-               or [T.CenterCrop(size)])
-            + keep("affine", T.RandomAffine(
-                degrees=affine_degrees,
-                translate=(affine_translate, affine_translate) if affine_translate else None,  # None: no draw
-                scale=(1.0 - affine_scale, 1.0 + affine_scale) if affine_scale else None))
-            + ([T.RandomHorizontalFlip(flip_probability)] if flip_probability else [])  # off: no random draw
-            + [IntensityNormalize(params["intensity"])]
+            + [
+                RandomAcquisition(probability=ACQUISITION_PROBABILITY),
+                _resize(params),
+                T.RandomResizedCrop(size, scale=(CROP_SCALE, 1.0), ratio=(0.8, 1.25)),
+                T.RandomAffine(degrees=AFFINE_DEGREES, translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
+                               scale=(1.0 - AFFINE_SCALE, 1.0 + AFFINE_SCALE)),
+                IntensityNormalize(params["intensity"]),
+            ]
             + tail
-            + keep("erasing", T.RandomErasing(p=0.3, scale=(0.01, 0.06), value=0))
+            + [T.RandomErasing(p=ERASING_PROBABILITY, scale=ERASING_SCALE, value=0)]
         )
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
 
 
 class TwoViews:
     """Two independently augmented views of one film, ``(first(image), second(image))``: the recipe's view, which
-    the class loss sees, and the view a consistency loss compares it with (``--consistency-weight``)."""
+    the class loss sees, and the view a consistency loss compares it with (a preset's ``consistency_weight``)."""
 
     def __init__(self, first, second):
         self.first, self.second = first, second

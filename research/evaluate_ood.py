@@ -1,4 +1,4 @@
-"""OOD evaluation: AUROC of the OOD score for real test X-rays against photos, CT/MR, text, noise, rotated/inverted X-rays."""
+"""Research: OOD evaluation, AUROC of the OOD score for real test X-rays against photos, CT/MR, text, noise, rotated/inverted X-rays."""
 
 import argparse
 import json
@@ -33,7 +33,7 @@ def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from model.inference import Predictor
     from model.ood import DEFAULT_COMPONENTS
-    from model.ood_evaluation import evaluate_ood, fit_grid_statistics, format_ood_report
+    from research.ood_evaluation import evaluate_ood, fit_grid_statistics, format_ood_report
 
     if args.compare_grids and not args.fit_data:
         sys.exit("error: --compare-grids needs --fit-data (the dataset root with train/ and val/)")

@@ -7,14 +7,17 @@ No lung masks are available offline, so this measures fixed parts of the image f
 - ``band``: the outer 10 % on the other three sides: borders, burned-in labels, collimation, shoulders.
 - ``centre``: the rest, where the lung fields lie on a frontal chest film.
 
-The three shares of a heatmap's mass add up to one. The heatmap is the one the app shows: the CAM of the
+Research, not product: ``python research/heatmap_audit.py --checkpoint C --data D/test --output-dir OUT``
+(formerly ``scripts/audit.py --heatmaps``). The three shares of a heatmap's mass add up to one. The heatmap is the one the app shows: the CAM of the
 predicted class mapped back onto the original image (``model.cam``). A class or source whose heat sits
 mostly outside the centre is decided from something other than the lungs; a difference between two sources
 of one class is a source shortcut the per-source accuracy may not show.
 """
 
+import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -23,10 +26,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.audit import PerturbedImages, default_manifest, load_split, markdown_table, percent
-from model.cam import ActivationRecorder, class_activation_maps, cam_to_image_space
-from model.checkpoint import build_model_from_checkpoint, load_checkpoint
-from model.transforms import build_eval_transform, seen_box
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.audit import PerturbedImages, default_manifest, load_split, markdown_table, percent  # noqa: E402
+from model.cam import ActivationRecorder, class_activation_maps, cam_to_image_space  # noqa: E402
+from model.checkpoint import build_model_from_checkpoint, load_checkpoint  # noqa: E402
+from model.transforms import build_eval_transform, seen_box  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +218,37 @@ def plot_mean_heatmaps(result, path):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def get_args_parser():
+    """Command-line options of the heatmap-location audit."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="an ImageFolder split, e.g. ../shared/data/cxr/test")
+    parser.add_argument("--manifest", default=None, help="MANIFEST.csv with source_repo (default: DATA/../MANIFEST.csv)")
+    parser.add_argument("--output-dir", required=True, help="where heatmaps.md, heatmaps.json and the plot go")
+    parser.add_argument("--limit", type=int, default=None, help="a class-and-source-stratified subset of N images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(args):
+    """Run the heatmap audit and print its summary; domain errors end with a one-line message."""
+    from model.errors import CovidScanError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_heatmap_audit(args.checkpoint, args.data, args.output_dir, manifest=args.manifest,
+                                   limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                                   workers=args.workers, device=args.device)
+    except CovidScanError as error:
+        sys.exit(f"error: {error}")
+    print(format_summary(result))
+    print(f"wrote {Path(args.output_dir) / REPORT_NAME}, heatmaps.json and the plot")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

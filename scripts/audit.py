@@ -1,5 +1,4 @@
-"""Shortcut audit of a checkpoint on one split: per-source metrics, perturbation stability, source probe, LOSO table,
-and where the heatmaps lie per class and source."""
+"""Shortcut audit of a checkpoint on one split: per-source metrics, perturbation stability, source probe, LOSO table."""
 
 import argparse
 import logging
@@ -9,17 +8,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.errors import CovidScanError  # noqa: E402
-
-
-def area_share(text):
-    """argparse type: a share of the image's area in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a share of the area in (0, 1]")
-    return value
 
 
 def select_perturbations(text):
@@ -59,13 +47,7 @@ def get_args_parser():
     parser.add_argument("--perturbations", default="all", metavar="all|none|NAME[,NAME...]",
                         help="the perturbation suite, none of it (per-source metrics and the probe only), or the "
                              "named perturbations (names as in audit.json)")
-    parser.add_argument("--test-time-crops", type=area_share, nargs="+", default=None, metavar="SHARE",
-                        help="an experiment: average the model's logits over centred crops keeping these shares "
-                             "of the area (e.g. 1 0.86 0.74); serving does not do this")
     parser.add_argument("--loso-json", default=None, help="loso.json from scripts/loso.py, shown as part 4")
-    parser.add_argument("--heatmaps", default="also", choices=("also", "only", "off"),
-                        help="where the heatmaps lie per class and source (model/heatmap_audit.py), written to "
-                             "OUTPUT_DIR/heatmaps/: with the audit (one more pass), instead of it, or not")
     return parser
 
 
@@ -74,28 +56,19 @@ def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from model import heatmap_audit
     from model.audit import REPORT_NAME, format_summary, run_audit
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = {"manifest": args.manifest, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size,
-               "workers": args.workers, "device": args.device}
-    heatmaps_dir = Path(args.output_dir) / "heatmaps"
     try:
-        if args.heatmaps != "only":
-            result = run_audit(args.checkpoint, args.data, args.output_dir, loso_json=args.loso_json,
-                               min_probe_images=args.min_probe_images,
-                               perturbations=select_perturbations(args.perturbations),
-                               view_shares=args.test_time_crops, **options)
-            print(format_summary(result))
-            print(f"wrote {Path(args.output_dir) / REPORT_NAME}, audit.json and plots")
-        if args.heatmaps != "off":
-            heatmaps = heatmap_audit.run_heatmap_audit(args.checkpoint, args.data, heatmaps_dir, **options)
-            print(heatmap_audit.format_summary(heatmaps))
-            print(f"wrote {heatmaps_dir / heatmap_audit.REPORT_NAME}, heatmaps.json and the plot")
+        result = run_audit(args.checkpoint, args.data, args.output_dir, manifest=args.manifest, limit=args.limit,
+                           seed=args.seed, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                           loso_json=args.loso_json, min_probe_images=args.min_probe_images,
+                           perturbations=select_perturbations(args.perturbations))
     except CovidScanError as error:
         sys.exit(f"error: {error}")
+    print(format_summary(result))
+    print(f"wrote {Path(args.output_dir) / REPORT_NAME}, audit.json and plots")
 
 
 if __name__ == "__main__":

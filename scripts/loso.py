@@ -27,7 +27,7 @@ def _train_script():
 
 def get_args_parser():
     """scripts/train.py's options (LOSO defaults: resnet18, 64 px, 3 epochs) plus the held-out sources."""
-    parser = argparse.ArgumentParser(description=__doc__, parents=[_train_script().get_args_parser()],
+    parser = argparse.ArgumentParser(description=__doc__, parents=[_train_script().get_args_parser(add_help=False)],
                                      conflict_handler="resolve")
     parser.set_defaults(arch="resnet18", image_size=64, epochs=3)
     parser.add_argument("--data", required=True, help="dataset root holding train/, val/ and test/")
@@ -82,4 +82,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(_train_script().parse_args(get_args_parser()))
+    main(get_args_parser().parse_args())

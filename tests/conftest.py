@@ -1,6 +1,9 @@
 """Shared fixtures: synthetic X-ray-like images, a tiny random-weight checkpoint, the Flask app and client."""
 
+import csv
+import importlib.util
 import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,42 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cxr"
 CLASS_NAMES = ["COVID", "NORMAL", "PNEUMONIA"]
+SOURCE_REPOS = {"srca": "fake/source-a", "srcb": "fake/source-b", "srcc": "fake/source-c"}
+
+
+def run_script(script, *arguments, check=True, env=None, timeout=600):
+    """Run ``scripts/<script>`` in a fresh Python as a user would; return the completed process.
+
+    A fresh interpreter costs seconds (torch imports); test argument errors in-process with ``load_script`` instead
+    and keep this for what only a real process shows: exit codes, messages without a traceback, torchrun.
+    """
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / script), *map(str, arguments)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+def load_script(script):
+    """``scripts/<script>`` imported as a module (``get_args_parser``, ``main``), for tests that stay in-process."""
+    name = f"covidscan_script_{Path(script).stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_error(parser, arguments, capsys):
+    """The message with which ``parser`` refuses ``arguments`` (argparse exits with status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(list(map(str, arguments)))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def make_xray_array(seed=0, size=(256, 256), label=None):
@@ -63,6 +102,32 @@ def write_image_folder(root, per_class=(24, 8, 8), size=(64, 64)):
                 seed += 1
                 Image.fromarray(make_xray_array(seed, size=size, label=label), mode="L").save(folder / f"{index}.png")
     return Path(root)
+
+
+def write_sourced_dataset(root, counts, size=(64, 64)):
+    """Write an ImageFolder with ``<source>_<n>.png`` files and a MANIFEST.csv naming each image's source_repo."""
+    root = Path(root)
+    rows, seed = [], 0
+    for split, classes in counts.items():
+        for label, sources in classes.items():
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for source, count in sources.items():
+                for index in range(count):
+                    seed += 1
+                    pixels = make_xray_array(seed, size=size, label=label).astype(np.float32)
+                    if source == "srca":
+                        pixels = pixels * 0.6
+                        pixels[2:8, 2:8] = 255
+                    name = f"{source}_{index}.png"
+                    Image.fromarray(pixels.astype(np.uint8), mode="L").save(folder / name)
+                    rows.append({"split": split, "label": label, "path": f"{split}/{label}/{name}",
+                                 "source_repo": SOURCE_REPOS[source], "patient_id": f"{source}:{seed}"})
+    with (root / "MANIFEST.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["split", "label", "path", "source_repo", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
 
 
 @pytest.fixture(scope="session")

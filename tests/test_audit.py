@@ -1,27 +1,23 @@
 """Tests of the shortcut audit (model/audit.py, scripts/audit.py, scripts/loso.py) on synthetic two-source data."""
 
 import argparse
-import csv
 import json
-import subprocess
-import sys
+import contextlib
+import io
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASS_NAMES, REPO_ROOT, make_xray_array
+from conftest import CLASS_NAMES, load_script, make_xray_array, run_script, write_sourced_dataset
 from model import audit
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from model.errors import DataError
 from model.transforms import build_eval_transform
 
-PYTHON = sys.executable
-SOURCE_REPOS = {"srca": "fake/source-a", "srcb": "fake/source-b", "srcc": "fake/source-c"}
-# Per split, class and source: how many images. Source A is darker and carries a bright marker.
+# Per split, class and source: how many images (``write_sourced_dataset``: source A is darker, with a marker).
 # Only COVID has two sources with the probe's minimum (5 here) each; the other classes exercise the skip.
 AUDIT_COUNTS = {"test": {"COVID": {"srca": 5, "srcb": 5}, "NORMAL": {"srca": 2, "srcb": 2, "srcc": 1},
                          "PNEUMONIA": {"srca": 2, "srcb": 2}}}
@@ -31,41 +27,6 @@ LOSO_COUNTS = {
     "val": {"COVID": {"srca": 2}, "NORMAL": {"srca": 2, "srcb": 2}, "PNEUMONIA": {"srcb": 2, "srcc": 1}},
     "test": {"COVID": {"srca": 3}, "NORMAL": {"srca": 3, "srcb": 4}, "PNEUMONIA": {"srcb": 3, "srcc": 1}},
 }
-
-
-def write_sourced_dataset(root, counts, size=(64, 64)):
-    """Write an ImageFolder with ``<source>_<n>.png`` files and a MANIFEST.csv naming each image's source_repo."""
-    root = Path(root)
-    rows, seed = [], 0
-    for split, classes in counts.items():
-        for label, sources in classes.items():
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for source, count in sources.items():
-                for index in range(count):
-                    seed += 1
-                    pixels = make_xray_array(seed, size=size, label=label).astype(np.float32)
-                    if source == "srca":
-                        pixels = pixels * 0.6
-                        pixels[2:8, 2:8] = 255
-                    name = f"{source}_{index}.png"
-                    Image.fromarray(pixels.astype(np.uint8), mode="L").save(folder / name)
-                    rows.append({"split": split, "label": label, "path": f"{split}/{label}/{name}",
-                                 "source_repo": SOURCE_REPOS[source], "patient_id": f"{source}:{seed}"})
-    with (root / "MANIFEST.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["split", "label", "path", "source_repo", "patient_id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
-
-
-def run_script(script, *arguments, check=True):
-    """Run a script from scripts/ as a user would; fail with its output when it fails (unless ``check=False``)."""
-    completed = subprocess.run([PYTHON, str(REPO_ROOT / "scripts" / script), *map(str, arguments)],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    if check and completed.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{completed.stdout}\n{completed.stderr}")
-    return completed
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +39,12 @@ def audit_root(tmp_path_factory):
 def audit_run(audit_root, tiny_checkpoint_path, tmp_path_factory):
     """One audit through the CLI with the tiny random checkpoint: (output folder, audit.json, stdout)."""
     output = tmp_path_factory.mktemp("audit")
-    completed = run_script("audit.py", "--checkpoint", tiny_checkpoint_path, "--data", audit_root / "test",
-                           "--output-dir", output, "--workers", "0", "--seed", "3",
-                           "--min-probe-images", MIN_PROBE_IMAGES)
-    return output, json.loads((output / "audit.json").read_text()), completed.stdout
+    script, stdout = load_script("audit.py"), io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        script.main(script.get_args_parser().parse_args(list(map(str, [
+            "--checkpoint", tiny_checkpoint_path, "--data", audit_root / "test", "--output-dir", output,
+            "--workers", "0", "--seed", "3", "--min-probe-images", MIN_PROBE_IMAGES]))))
+    return output, json.loads((output / "audit.json").read_text()), stdout.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +52,10 @@ def loso_run(tmp_path_factory):
     """One LOSO run through the CLI on a tiny dataset (resnet18, 32 px, one epoch): (output folder, loso.json)."""
     root = write_sourced_dataset(tmp_path_factory.mktemp("loso-data"), LOSO_COUNTS, size=(40, 40))
     output = tmp_path_factory.mktemp("loso")
-    run_script("loso.py", "--data", root, "--output-dir", output, "--image-size", "32", "--epochs", "1",
-               "--min-train-images", "6", "--batch-size", "8", "--workers", "0", "--threads", "1",
-               "--recipe", "tutorial", "--no-progress")
+    loso = load_script("loso.py")
+    loso.main(loso.get_args_parser().parse_args(list(map(str, [
+        "--data", root, "--output-dir", output, "--image-size", "32", "--epochs", "1", "--min-train-images", "6",
+        "--batch-size", "8", "--workers", "0", "--preset", "tutorial", "--no-progress"]))))
     return root, output, json.loads((output / "loso.json").read_text())
 
 
@@ -287,7 +251,8 @@ def test_loso_holds_out_each_large_source_and_tests_on_it(loso_run):
     root, output, result = loso_run
     assert [(fold["class"], fold["source"]) for fold in result["folds"]] == [("NORMAL", "srca"), ("NORMAL", "srcb")]
     assert result["config"]["arch"] == "resnet18" and result["config"]["image_size"] == 32
-    assert result["config"]["epochs"] == 1 and result["config"]["recipe"] == "tutorial"
+    assert result["config"]["epochs"] == 1 and result["config"]["preset"] == "tutorial"
+    assert result["config"]["recipe"] == "tutorial" and result["config"]["lr"] == 1e-3  # the preset's
     by_source = {fold["source"]: fold for fold in result["folds"]}
     assert by_source["srca"]["heldout"]["n"] == 3 and by_source["srca"]["reference"]["n"] == 4
     assert by_source["srcb"]["heldout"]["n"] == 4 and by_source["srcb"]["train_counts"]["NORMAL"] == 8
@@ -313,14 +278,10 @@ def test_loso_plan_needs_two_large_sources_per_class():
 
 
 def test_loso_rerun_reuses_finished_folds_and_refuses_another_configuration(loso_run):
-    import importlib.util
-
     root, output, result = loso_run
-    spec = importlib.util.spec_from_file_location("loso_script", REPO_ROOT / "scripts" / "loso.py")
-    loso_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loso_script)
+    loso_script = load_script("loso.py")
     arguments = ["--data", str(root), "--output-dir", str(output), "--image-size", "32", "--epochs", "1",
-                 "--batch-size", "8", "--workers", "0", "--recipe", "tutorial", "--no-progress"]
+                 "--batch-size", "8", "--workers", "0", "--preset", "tutorial", "--no-progress"]
     args = loso_script.get_args_parser().parse_args(arguments)
     train_args = argparse.Namespace(**{key: value for key, value in vars(args).items()
                                        if key not in loso_script.LOSO_ONLY_OPTIONS})
@@ -329,128 +290,84 @@ def test_loso_rerun_reuses_finished_folds_and_refuses_another_configuration(loso
     with pytest.raises(DataError, match="another configuration"):
         audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "epochs": 2}),
                                    min_train_images=6, workers=0)
-    with pytest.raises(DataError, match="another configuration"):  # the resize is part of the configuration
-        audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "resize": "letterbox"}),
+    with pytest.raises(DataError, match="another configuration"):  # the preset is part of the configuration
+        audit.leave_one_source_out(root, output, argparse.Namespace(**{**vars(train_args), "preset": "robust"}),
                                    min_train_images=6, workers=0)
 
 
-def test_loso_report_names_the_options_that_tell_configurations_apart():
-    config = {"arch": "resnet18", "image_size": 96, "epochs": 8, "recipe": "robust", "weights": "none", "seed": 1,
-              "sampler": "shuffle"}
-    plain = audit.format_loso_markdown({"config": config, "wall_seconds": 60, "folds": []})
-    assert "recipe robust, weights none, seed 1;" in plain
-    changed = audit.format_loso_markdown({"config": {**config, "intensity": "equalize_foreground", "resize": "letterbox",
-                                                     "sampler": "source"}, "wall_seconds": 60, "folds": []})
+def test_loso_report_names_the_preset_and_the_options_of_older_runs():
+    config = {"arch": "resnet18", "image_size": 96, "epochs": 8, "recipe": "tutorial", "preset": "tutorial",
+              "weights": "none", "seed": 1, "sampler": "shuffle"}
+    assert "preset tutorial, weights none, seed 1;" in audit.format_loso_markdown(
+        {"config": config, "wall_seconds": 60, "folds": []})
+    # loso.json files written before the presets (docs/model/audit/loso.json) name a recipe and its options
+    older = {key: value for key, value in config.items() if key != "preset"}
+    changed = audit.format_loso_markdown({"config": {**older, "recipe": "robust", "intensity": "equalize_foreground",
+                                                     "resize": "letterbox", "sampler": "source"},
+                                          "wall_seconds": 60, "folds": []})
     assert ("recipe robust, intensity equalize_foreground, resize letterbox, sampler source, weights none, seed 1;"
             in changed)
-    ablated = audit.format_loso_markdown({"config": {**config, "robust_without": ["crop", "erasing"]},
-                                          "wall_seconds": 60, "folds": []})
-    assert "recipe robust, robust without crop + erasing, weights none, seed 1;" in ablated
-    milder = audit.format_loso_markdown({"config": {**config, "acquisition_probability": 0.0},
-                                         "wall_seconds": 60, "folds": []})
-    assert "recipe robust, acquisition probability 0.0, weights none, seed 1;" in milder
+    ablated = audit.format_loso_markdown({"config": {**older, "robust_without": ["crop", "erasing"],
+                                                     "acquisition_probability": 0.0}, "wall_seconds": 60, "folds": []})
+    assert "robust without crop + erasing, acquisition probability 0.0, weights none" in ablated
 
 
-def test_loso_config_records_options_only_away_from_their_defaults():
-    base = {"arch": "resnet18", "recipe": "robust", "seed": 0, "intensity": None, "hflip": 0.0, "robust_without": None}
-    plain = audit._loso_config(argparse.Namespace(**base, acquisition_probability=0.8, affine_degrees=10.0), 6)
-    assert not {"acquisition_probability", "affine_degrees", "hflip", "robust_without"} & set(plain)
-    assert plain == audit._loso_config(argparse.Namespace(**base), 6)  # folds run before the option existed match
-    for probability in (0.0, 0.4):  # 0 is a setting of its own, not "unset"
-        config = audit._loso_config(argparse.Namespace(**base, acquisition_probability=probability), 6)
-        assert config["acquisition_probability"] == probability
-    assert audit._loso_config(argparse.Namespace(**base, affine_degrees=20.0), 6)["affine_degrees"] == 20.0
-    unmoved = audit._loso_config(argparse.Namespace(**base, affine_translate=0.0, affine_scale=0.1), 6)
-    assert unmoved["affine_translate"] == 0.0 and "affine_scale" not in unmoved
-    assert "trim_borders" not in audit._loso_config(argparse.Namespace(**base, trim_borders=False), 6)
-    trimmed = audit._loso_config(argparse.Namespace(**base, trim_borders=True), 6)
-    assert trimmed["trim_borders"] is True
-    mixed = audit._loso_config(argparse.Namespace(**base, mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.0), 6)
-    assert mixed["mixup_alpha"] == 0.2 and not {"cutmix_alpha", "label_smoothing"} & set(mixed)
-    assert audit._loso_config(argparse.Namespace(**base, consistency_weight=12.0), 6)["consistency_weight"] == 12.0
-    assert "recipe robust, trim borders True," in audit.format_loso_markdown(
-        {"config": {**trimmed, "weights": "none"}, "wall_seconds": 60, "folds": []})
+def test_loso_config_records_the_preset_and_its_effective_learning_rate():
+    base = {"arch": "resnet18", "preset": "robust", "seed": 0, "epochs": 3, "lr": None, "workers": 4, "threads": 2}
+    config = audit._loso_config(argparse.Namespace(**base), 6)
+    assert config == {"arch": "resnet18", "preset": "robust", "seed": 0, "epochs": 3, "recipe": "robust",
+                      "lr": 1.5e-3, "min_train_images": 6}  # worker and thread counts do not make a configuration
+    assert audit._loso_config(argparse.Namespace(**{**base, "lr": 0.01}), 6)["lr"] == 0.01
 
 
-def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path):
+def test_loso_merge_joins_folds_run_separately_and_refuses_mixed_configurations(loso_run, tmp_path, capsys):
     _, _, result = loso_run
+    loso = load_script("loso.py")
+
+    def merge(*paths):
+        loso.main(loso.get_args_parser().parse_args(list(map(str, ["--data", "unused", "--output-dir", merged_dir,
+                                                                   "--merge", *paths]))))
+
     first, second = ({**result, "folds": [fold]} for fold in result["folds"])
     paths = []
     for index, part in enumerate((first, second, first)):  # the repeated fold replaces the earlier copy
         paths.append(tmp_path / f"part{index}.json")
         paths[-1].write_text(json.dumps(part))
     merged_dir = tmp_path / "merged"
-    completed = run_script("loso.py", "--data", "unused", "--output-dir", merged_dir, "--merge", *paths)
+    merge(*paths)
     merged = json.loads((merged_dir / "loso.json").read_text())
     assert [(fold["class"], fold["source"]) for fold in merged["folds"]] == [("NORMAL", "srca"), ("NORMAL", "srcb")]
-    assert merged["config"] == result["config"] and "held-out sensitivity" in completed.stdout
+    assert merged["config"] == result["config"] and "held-out sensitivity" in capsys.readouterr().out
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**second, "config": {**result["config"], "recipe": "robust"}}))
-    failed = run_script("loso.py", "--data", "unused", "--output-dir", merged_dir, "--merge", paths[0], other,
-                        check=False)
-    assert failed.returncode != 0
-    assert failed.stderr.strip().splitlines()[-1] == (
+    with pytest.raises(SystemExit) as failed:
+        merge(paths[0], other)
+    assert str(failed.value.code) == (
         "error: cannot merge LOSO runs with different configurations (they differ in recipe)")
 
 
-def test_centre_crops_keep_the_centre_at_the_asked_share_of_the_area():
-    from model.engine import centre_crops
-
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    whole, quarter = list(centre_crops(images, (1.0, 0.25)))
-    assert whole is images
-    assert quarter.shape == images.shape
-    expected = torch.nn.functional.interpolate(images[..., 2:6, 2:6], size=(8, 8), mode="bilinear",
-                                               align_corners=False, antialias=True)
-    assert torch.equal(quarter, expected)
-    assert not torch.equal(quarter, images)
-    flat = torch.full((1, 1, 10, 10), 0.5)
-    assert torch.allclose(next(centre_crops(flat, (0.7,))), flat)  # a crop of a flat image stays flat
-    with pytest.raises(ValueError, match=r"share of the area in \(0, 1\]"):
-        list(centre_crops(images, (1.5,)))
-
-
-def test_test_time_crops_average_logits_and_features_over_the_views(tiny_checkpoint_path):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from model.engine import centre_crops, predict_logits
-
-    network = build_model_from_checkpoint(load_checkpoint(tiny_checkpoint_path)).eval()
-    torch.manual_seed(0)
-    images = torch.randn(5, 3, 64, 64)
-    loader = DataLoader(TensorDataset(images, torch.zeros(5, dtype=torch.long)), batch_size=2)
-    shares = (1.0, 0.8, 0.6)
-    logits, features, targets = predict_logits(network, loader, torch.device("cpu"), with_features=True,
-                                               view_shares=shares)
-    plain_logits, plain_features, _ = predict_logits(network, loader, torch.device("cpu"), with_features=True)
-    assert logits.shape == plain_logits.shape == (5, 3) and features.shape == plain_features.shape
-    assert len(targets) == 5
-    with torch.inference_mode():
-        views = list(centre_crops(images, shares))
-        expected = torch.stack([network(view) for view in views]).mean(0).numpy()
-        backbone = torch.nn.Sequential(*list(network.children())[:-1])  # up to the global average pool
-        pooled = torch.stack([backbone(view).flatten(1) for view in views]).mean(0).numpy()
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(features, pooled, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(logits, plain_logits)
-
-
-def test_audit_cli_runs_a_chosen_part_of_the_suite_with_test_time_crops(audit_root, tiny_checkpoint_path,
-                                                                       tmp_path):
+def test_audit_cli_runs_a_chosen_part_of_the_suite(audit_root, tiny_checkpoint_path, tmp_path, capsys):
+    script = load_script("audit.py")
     common = ["--checkpoint", tiny_checkpoint_path, "--data", audit_root / "test", "--workers", "0",
-              "--min-probe-images", MIN_PROBE_IMAGES, "--heatmaps", "off"]
-    run_script("audit.py", *common, "--output-dir", tmp_path / "none", "--perturbations", "none",
-               "--test-time-crops", "1", "0.8")
+              "--min-probe-images", MIN_PROBE_IMAGES]
+
+    def run(*arguments):
+        script.main(script.get_args_parser().parse_args(list(map(str, [*common, *arguments]))))
+
+    run("--output-dir", tmp_path / "none", "--perturbations", "none")
     result = json.loads((tmp_path / "none" / "audit.json").read_text())
-    assert result["perturbations"] == {} and result["test_time_crops"] == [1.0, 0.8]
-    assert result["perturbation_summary"]["mean_flip_rate"] is None
-    assert "centred crops keeping 1, 0.8 of the area" in (tmp_path / "none" / "audit.md").read_text()
-    run_script("audit.py", *common, "--output-dir", tmp_path / "two", "--perturbations", "border_pad_7,gamma_0.6")
+    assert result["perturbations"] == {} and result["perturbation_summary"]["mean_flip_rate"] is None
+    run("--output-dir", tmp_path / "two", "--perturbations", "border_pad_7,gamma_0.6")
     result = json.loads((tmp_path / "two" / "audit.json").read_text())
-    assert sorted(result["perturbations"]) == ["border_pad_7", "gamma_0.6"] and result["test_time_crops"] is None
-    for arguments, message in ((["--perturbations", "gamma_9"], "--perturbations: unknown gamma_9; choose from"),
-                               (["--test-time-crops", "0"], "0 is not a share of the area in (0, 1]")):
-        completed = run_script("audit.py", *common, "--output-dir", tmp_path / "bad", *arguments, check=False)
-        assert completed.returncode != 0 and message in completed.stderr
-        assert "Traceback" not in completed.stderr
+    assert sorted(result["perturbations"]) == ["border_pad_7", "gamma_0.6"]
+    with pytest.raises(SystemExit, match="--perturbations: unknown gamma_9; choose from"):
+        run("--output-dir", tmp_path / "bad", "--perturbations", "gamma_9")
+
+
+def test_audit_cli_ends_a_domain_error_with_one_line(tiny_checkpoint_path, tmp_path):
+    completed = run_script("audit.py", "--checkpoint", tiny_checkpoint_path, "--data", tmp_path / "nowhere",
+                           "--output-dir", tmp_path / "out", check=False)
+    assert completed.returncode != 0 and "error: data folder not found" in completed.stderr
+    assert "Traceback" not in completed.stderr
+

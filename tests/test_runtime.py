@@ -111,13 +111,14 @@ def test_default_backend_is_measured_one_and_environment_can_force_eager(tiny_ch
     monkeypatch.setenv(runtime.BACKEND_ENVIRONMENT_VARIABLE, "eager")
     assert runtime.resolve_backend(None) == "eager"
     assert Predictor.from_path(tiny_checkpoint_path).backend == "eager"
-    assert runtime.resolve_backend("torchscript") == "torchscript"  # an explicit argument wins
+    assert runtime.resolve_backend("bf16") == "bf16"  # an explicit argument wins
 
 
 @pytest.mark.parametrize(
     ("backend", "device", "message"),
     [
         ("tensorrt", "cpu", "unknown inference backend 'tensorrt'"),
+        ("torchscript", "cpu", "unknown inference backend 'torchscript'"),  # measured, then dropped
         ("onnx", "cuda", "runs on the CPU only"),
     ],
 )
@@ -142,12 +143,12 @@ def test_default_falls_back_to_eager_but_a_requested_backend_must_build(tiny_che
         raise RuntimeError("no kernels for this CPU")
 
     monkeypatch.delenv(runtime.BACKEND_ENVIRONMENT_VARIABLE, raising=False)
-    monkeypatch.setattr(runtime, "DEFAULT_BACKEND", "torchscript")
-    monkeypatch.setattr(runtime.TorchScriptRuntime, "__init__", broken)
+    monkeypatch.setattr(runtime, "DEFAULT_BACKEND", "bf16")
+    monkeypatch.setattr(runtime.Bfloat16Runtime, "__init__", broken)
     assert Predictor.from_path(tiny_checkpoint_path).backend == "eager"
     assert "could not be built: RuntimeError: no kernels for this CPU" in caplog.text
-    with pytest.raises(runtime.BackendError, match="'torchscript' could not be built"):
-        Predictor.from_path(tiny_checkpoint_path, backend="torchscript")
+    with pytest.raises(runtime.BackendError, match="'bf16' could not be built"):
+        Predictor.from_path(tiny_checkpoint_path, backend="bf16")
 
 
 def test_onnx_session_follows_the_thread_count(predictors, batch):

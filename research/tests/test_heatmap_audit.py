@@ -1,12 +1,15 @@
-"""Tests of the heatmap-location audit (model/heatmap_audit.py, scripts/audit.py --heatmaps) on synthetic data."""
+"""Tests of the heatmap-location audit (research/heatmap_audit.py) on synthetic data."""
 
 import json
 
 import numpy as np
 import pytest
 
-from model import heatmap_audit
-from test_audit import AUDIT_COUNTS, run_script, write_sourced_dataset
+from research import heatmap_audit
+from research.tests.conftest import fixtures
+
+AUDIT_COUNTS = {"test": {"COVID": {"srca": 5, "srcb": 5}, "NORMAL": {"srca": 2, "srcb": 2, "srcc": 1},
+                         "PNEUMONIA": {"srca": 2, "srcb": 2}}}
 
 LETTERBOX = {"image_size": 64, "crop_size": 64, "resize_mode": "letterbox"}
 
@@ -53,12 +56,16 @@ def test_heat_on_the_letterbox_padding_is_not_counted_on_the_image():
     assert np.isnan(heatmap_audit.heat_shares(np.zeros((4, 4)), heatmap_audit.region_masks(grid=4))["centre"])
 
 
-def test_cli_writes_a_row_per_class_and_source(tiny_checkpoint_path, tmp_path):
-    root = write_sourced_dataset(tmp_path / "data", AUDIT_COUNTS, size=(48, 40))
-    completed = run_script("audit.py", "--checkpoint", tiny_checkpoint_path, "--data", root / "test",
-                           "--output-dir", tmp_path / "audit", "--batch-size", "4", "--heatmaps", "only")
-    output = tmp_path / "audit" / "heatmaps"
-    assert "heatmaps NORMAL" in completed.stdout and not (tmp_path / "audit" / "audit.md").exists()
+def run_cli(*arguments):
+    heatmap_audit.main(heatmap_audit.get_args_parser().parse_args(list(map(str, arguments))))
+
+
+def test_cli_writes_a_row_per_class_and_source(tiny_checkpoint_path, tmp_path, capsys):
+    root = fixtures.write_sourced_dataset(tmp_path / "data", AUDIT_COUNTS, size=(48, 40))
+    output = tmp_path / "heatmaps"
+    run_cli("--checkpoint", tiny_checkpoint_path, "--data", root / "test", "--output-dir", output,
+            "--batch-size", "4", "--workers", "0")
+    assert "heatmaps NORMAL" in capsys.readouterr().out
     result = json.loads((output / "heatmaps.json").read_text())
     assert (output / "mean_heatmaps.png").stat().st_size > 1000
     counts = {(group["class"], group["source"]): group["n"] for group in result["groups"]}
@@ -69,6 +76,5 @@ def test_cli_writes_a_row_per_class_and_source(tiny_checkpoint_path, tmp_path):
         assert np.asarray(group["mean_frame"]).shape == (heatmap_audit.GRID, heatmap_audit.GRID)
     report = (output / "heatmaps.md").read_text()
     assert "not anatomy" in report and "| NORMAL | `srcc` | 1 |" in report
-    missing = run_script("audit.py", "--checkpoint", tiny_checkpoint_path, "--data", tmp_path / "nowhere",
-                         "--output-dir", output, "--heatmaps", "only", check=False)
-    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    with pytest.raises(SystemExit, match="error: data folder not found"):
+        run_cli("--checkpoint", tiny_checkpoint_path, "--data", tmp_path / "nowhere", "--output-dir", output)

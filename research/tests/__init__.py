@@ -1,0 +1,1 @@
+"""Tests of the research code (run by ``make test`` and ``make test-fast`` like the product's)."""
