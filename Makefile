@@ -46,9 +46,9 @@ pacs-demo: $(BIN)/.runtime pacs-deps
 test: $(BIN)/.dev browser nginx pacs-deps
 	$(BIN)/python -m pytest
 
-## test-fast: everything except slow tests (servers, browser, torchrun)
+## test-fast: everything except slow tests (servers, browsers, databases, end-to-end training runs); research/tests too
 test-fast: $(BIN)/.dev
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)
