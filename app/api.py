@@ -19,14 +19,20 @@ TRUE_VALUES = ("1", "true", "yes", "on")
 
 @bp.post("/api/v1/predict")
 def predict():
-    """Multipart field ``file`` -> label, probabilities, model, timing, OOD verdict; ``?heatmap=1`` adds a PNG."""
+    """Multipart field ``file`` -> label, probabilities, model, timing, OOD verdict; ``?heatmap=1`` adds a PNG.
+
+    ``label`` is null when the OOD check flags the image; its probabilities and the verdict are still given.
+    """
     upload = the_upload()
     with_heatmap = request.args.get("heatmap", "").lower() in TRUE_VALUES
     predictor = get_predictor()
     prediction = predictor.predict_bytes(read_upload(upload), with_heatmap=with_heatmap)
-    logger.info("prediction %s in %.0f ms (api, request %s)", prediction.label, prediction.elapsed_ms, request_id())
+    flagged = bool(prediction.ood and prediction.ood.get("flagged"))
+    logger.info("prediction %s in %.0f ms (api, request %s)", "withheld (flagged)" if flagged else prediction.label,
+                prediction.elapsed_ms, request_id())
     answer = {
-        "label": prediction.label,
+        # A flagged image (out of distribution or failed input checks) gets no class: the one rule everywhere.
+        "label": None if flagged else prediction.label,
         "probabilities": prediction.probabilities,
         "model": predictor.model_info,
         "elapsed_ms": round(prediction.elapsed_ms, 1),

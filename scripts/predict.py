@@ -185,9 +185,9 @@ def predict_paths(predictor, paths, *, batch_size=16, workers=2, progress=True):
 
 
 def make_record(path, *, probabilities=None, ood=None, error=""):
-    """One result row before ranking."""
+    """One result row before ranking; a flagged image keeps its probabilities but gets no label and no urgency."""
     label, urgency = "", None
-    if probabilities:
+    if probabilities and not (ood and ood.get("flagged")):
         label = max(probabilities, key=probabilities.get)
         urgent = [value for name, value in probabilities.items() if name not in NON_URGENT_CLASSES]
         urgency = max(urgent) if urgent else 0.0
@@ -196,14 +196,16 @@ def make_record(path, *, probabilities=None, ood=None, error=""):
 
 
 def rank_by_urgency(records):
-    """Most urgent first (ties by path); unreadable files last, by path, without a rank."""
-    predicted = sorted((r for r in records if not r["error"]), key=lambda r: (-r["urgency"], r["path"]))
+    """Most urgent first (ties by path); then flagged images (no urgency), by path; unreadable files last, unranked."""
+    predicted = sorted((r for r in records if not r["error"] and r["urgency"] is not None),
+                       key=lambda r: (-r["urgency"], r["path"]))
+    flagged = sorted((r for r in records if not r["error"] and r["urgency"] is None), key=lambda r: r["path"])
     failed = sorted((r for r in records if r["error"]), key=lambda r: r["path"])
-    for rank, record in enumerate(predicted, start=1):
+    for rank, record in enumerate(predicted + flagged, start=1):
         record["rank"] = rank
     for record in failed:
         record["rank"] = ""
-    return predicted + failed
+    return predicted + flagged + failed
 
 
 def write_csv(records, output, class_names):

@@ -25,6 +25,7 @@ ONE_FILE = "Send one image per request; this request has 2 files in the field 'f
 TOO_MANY_PARTS = "The request has too many form fields or an oversized text field"
 TOO_LARGE = f"The upload is larger than the {UPLOAD_LIMIT_MB} MB limit."
 TOO_MANY_PIXELS = "too many pixels"
+UNREADABLE_FORM = "The upload could not be read: its multipart form data is malformed"
 LONG_UNICODE_NAME = ("胸部X線写真-Ωμέγα-😷" * 20)[:296] + ".png"
 ENDPOINTS = {"form": "/predict", "api": "/api/v1/predict"}
 
@@ -192,10 +193,9 @@ HOSTILE_INPUTS = [
     Hostile("json-body", send_raw(b'{"file": "aGVsbG8="}', "application/json"), 400, NO_FILE,
             form_message=CSRF_MISSING),
     Hostile("multipart-without-boundary", lambda fields: Upload(file_upload(xray_png()).body, "multipart/form-data"),
-            400, NO_FILE, form_message=CSRF_MISSING),
+            400, UNREADABLE_FORM),
     Hostile("malformed-multipart", send_raw(b"--" + BOUNDARY.encode() + b"\r\ngarbage without end",
-                                            f"multipart/form-data; boundary={BOUNDARY}"), 400, NO_FILE,
-            form_message=CSRF_MISSING),
+                                            f"multipart/form-data; boundary={BOUNDARY}"), 400, UNREADABLE_FORM),
     Hostile("too-many-form-parts", send_parts(*[(f"field{index}", None, None, b"x") for index in range(1500)]),
             413, TOO_MANY_PARTS),
     Hostile("oversized-text-field", send_parts(("note", None, None, b"x" * (700 * 1024))), 413, TOO_MANY_PARTS),
@@ -291,7 +291,9 @@ def check_answer(case, endpoint, answer):
         assert answer.content_type == "text/html"
     if status == 200:
         if endpoint == "api":
-            assert json.loads(answer.text)["label"] in CLASS_NAMES
+            result = json.loads(answer.text)
+            flagged = bool(result["ood"] and result["ood"]["flagged"])
+            assert result["label"] is None if flagged else result["label"] in CLASS_NAMES
         else:
             assert 'class="predicted-label"' in answer.text
         return
@@ -418,3 +420,21 @@ def test_over_limit_bodies_on_the_wire_get_413(hostile_server, endpoint):
         assert TOO_LARGE in html.unescape(response.text), name
         assert "Traceback" not in response.text
     assert request(hostile_server, "GET", "/healthz").status == 200
+
+
+def colour_photo():
+    """A saturated colour photograph-like image: the input check flags it whatever the checkpoint."""
+    pixels = np.zeros((128, 128, 3), dtype=np.uint8)
+    for index, colour in enumerate([(200, 40, 40), (40, 160, 60), (40, 60, 200), (230, 200, 40)]):
+        pixels[:, index * 32:(index + 1) * 32] = colour
+    return encode(Image.fromarray(pixels), "JPEG", quality=95)
+
+
+def test_a_flagged_image_gets_no_label_from_the_api(browser_client):
+    response = browser_client.post("/api/v1/predict", data={"file": (io.BytesIO(colour_photo()), "photo.jpg")},
+                                   content_type="multipart/form-data")
+    assert response.status_code == 200
+    answer = response.json
+    assert answer["ood"]["flagged"] is True and any("colour" in reason for reason in answer["ood"]["reasons"])
+    assert answer["label"] is None, "a flagged image gets no class"
+    assert list(answer["probabilities"]) == CLASS_NAMES, "its probabilities stay"
