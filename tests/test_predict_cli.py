@@ -107,6 +107,7 @@ def test_triage_with_ood_statistics_adds_ood_columns(tiny_checkpoint_path, triag
     assert len(rows) == 3
     assert all(row["ood_flagged"] == "true" and float(row["ood_score"]) > 0 for row in rows)
     assert all("unlike those of the training X-rays" in row["ood_reasons"] for row in rows)
+    assert all(row["label"] == row["urgency"] == "" and row["probability_COVID"] != "" for row in rows)
 
 
 def test_triage_flags_a_colour_photo_without_ood_statistics(tiny_checkpoint_path, tmp_path):
@@ -126,6 +127,9 @@ def test_triage_flags_a_colour_photo_without_ood_statistics(tiny_checkpoint_path
     assert rows["photo.jpg"]["ood_flagged"] == "true" and "in colour" in rows["photo.jpg"]["ood_reasons"]
     assert rows["photo.jpg"]["ood_score"] == ""  # no statistics, so no score
     assert rows["gray.png"]["ood_flagged"] == ""
+    assert rows["photo.jpg"]["label"] == rows["photo.jpg"]["urgency"] == "", "a flagged image gets no class"
+    assert rows["photo.jpg"]["probability_COVID"] != ""
+    assert (rows["gray.png"]["rank"], rows["photo.jpg"]["rank"]) == ("1", "2"), "flagged rows rank after all others"
 
 
 @pytest.mark.parametrize(
