@@ -1,4 +1,4 @@
-"""A throwaway Orthanc (Debian's ``orthanc`` and ``orthanc-dicomweb``) on a free loopback port, for tests and the demo."""
+"""A throwaway Orthanc (Debian's ``orthanc`` and ``orthanc-dicomweb``) on a free loopback port, for tests and demo."""
 
 import json
 import logging

@@ -12,9 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 ENV_PREFIX = "COVIDSCAN"
+DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "default.pt"  # as app/config.py (not imported: it pulls in Flask)
 OFF_VALUES = ("0", "off", "false", "no")
 
 
@@ -34,7 +36,8 @@ def get_args_parser():
     parser.add_argument("--poll-seconds", type=float, default=5.0, help="pause between polls (default 5)")
     parser.add_argument("--lease-seconds", type=float, default=120.0,
                         help="how long a claimed image stays with this worker before another may retry it")
-    parser.add_argument("--model", default=None, help="checkpoint (default: COVIDSCAN_MODEL_PATH, else the shipped one)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint (default: COVIDSCAN_MODEL_PATH, else the shipped one)")
     parser.add_argument("--database-url", default=None,
                         help="results store (default: COVIDSCAN_DATABASE_URL, else SQLite in the instance folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass")
@@ -57,7 +60,6 @@ def main(args):
 
     import torch
 
-    from app.config import DEFAULT_MODEL_PATH
     from model.errors import CheckpointError
     from model.inference import Predictor
     from pacs.dicomweb import PacsClient, PacsUnavailable

@@ -45,7 +45,8 @@ def send(orthanc, count, *, seed=0, modality="DX", pixels=None, secret=False):
         image = pixels if pixels is not None else make_xray_array(seed + index, size=(192, 160))
         datasets.append(radiograph_dataset(
             image, patient_name=SECRET_NAME if secret else f"Test^Patient{seed + index}",
-            patient_id=SECRET_ID if secret else f"P{seed + index}", birth_date=SECRET_BIRTH_DATE if secret else "19700101",
+            patient_id=SECRET_ID if secret else f"P{seed + index}",
+            birth_date=SECRET_BIRTH_DATE if secret else "19700101",
             accession_number=f"ACC{seed + index:05d}", modality=modality,
         ))
     client.store_instances(datasets)
