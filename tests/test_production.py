@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 START_SCRIPT = REPO_ROOT / "deploy" / "serve-production.sh"
-BOOT_SECONDS = 300  # torch, the model and its ONNX export, on two cores shared with a training job
+BOOT_SECONDS = 900  # torch, the model and its ONNX export, on two cores shared with training and other test runs
 API_TOKEN = "production-test-token-5d1e"
 RATE_PER_MINUTE = 120
 RATE_BURST = 20
