@@ -21,6 +21,17 @@ ACCEPTED_FORMATS = ("PNG", "JPEG")
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 32
 MAX_ASPECT_RATIO = 8.0
+# Bounded cost per upload (issue 33: at most 1.5 s and 300 MB of extra worker memory for any upload under the limits,
+# benchmarks/bench_worst_inputs.py): a larger image is decoded or reduced to at most this many pixels a side before
+# anything else is done with it. A JPEG larger than that decodes at 1/2, 1/4 or 1/8 scale directly (draft mode);
+# other formats are decoded whole, then reduced. Far above what the model (224 px), the heatmap (768 px) or the border
+# trim need, and above every common detector, whose films are decoded exactly as before.
+WORKING_MAX_SIDE = 4096
+# Decoded pixels of a raster image, in bytes, beyond which it is refused rather than decoded (a 50 MP RGBA image is
+# 200 MB; Pillow decodes 16-bit colour PNGs to 8 bits a sample).
+MAX_DECODED_BYTES = 210_000_000
+# Modes that Image.reduce averages without a full-size copy (it premultiplies alpha modes into one).
+BOX_REDUCIBLE_MODES = ("L", "RGB", "I", "F", "CMYK", "YCbCr")
 
 # Pillow must never hand us a half-decoded image silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -50,7 +61,13 @@ def decode_upload(data, *, max_pixels=MAX_PIXELS):
             image = Image.open(io.BytesIO(data))
             image_format = image.format
             _check_header(image, image_format, max_pixels)
+            original_size = image.size
+            if image_format == "JPEG" and max(image.size) > WORKING_MAX_SIDE:
+                # DCT scaling: decode at the 1/2^k scale that leaves at least half of WORKING_MAX_SIDE a side.
+                image.draft(None, (WORKING_MAX_SIDE // 2, WORKING_MAX_SIDE // 2))
+            _check_decoded_bytes(image)
             image.load()
+            image = reduce_to_working_size(image)
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -60,7 +77,10 @@ def decode_upload(data, *, max_pixels=MAX_PIXELS):
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
         raise InvalidImageError("The image is damaged or truncated and cannot be read.") from error
     grayscale = to_grayscale(image)
-    metadata = {"format": image_format, "rows": grayscale.height, "columns": grayscale.width}
+    columns, rows = original_size
+    if (grayscale.width > grayscale.height) != (image.width > image.height):
+        columns, rows = rows, columns  # EXIF orientation turned it a quarter
+    metadata = {"format": image_format, "rows": rows, "columns": columns}
     return DecodedImage(grayscale, metadata, [], colourfulness=colourfulness(image))
 
 
@@ -83,6 +103,32 @@ def _check_header(image, image_format, max_pixels):
     check_image_size(*image.size, max_pixels=max_pixels)
     if getattr(image, "n_frames", 1) > 1:
         raise InvalidImageError("Animated or multi-frame images are not accepted; please upload a single image.")
+
+
+def _check_decoded_bytes(image):
+    """Refuse a raster image whose decoded pixels alone would exceed MAX_DECODED_BYTES (checked before decoding)."""
+    bands = len(image.getbands())
+    sample_bytes = 2 if image.mode.startswith("I;16") else 4 if image.mode in ("I", "F") else 1
+    decoded = image.width * image.height * bands * sample_bytes
+    if decoded > MAX_DECODED_BYTES:
+        raise InvalidImageError(
+            f"The image is too large to decode ({image.width}x{image.height} pixels, {image.mode}); "
+            "please upload it at a lower resolution or as grayscale."
+        )
+
+
+def reduce_to_working_size(image, max_side=None):
+    """The image at most ``max_side`` (default WORKING_MAX_SIDE) pixels a side; a smaller one is returned as it is.
+
+    A box average where Pillow makes it without a full-size copy, else every n-th pixel.
+    """
+    factor = -(-max(image.size) // (max_side or WORKING_MAX_SIDE))
+    if factor <= 1:
+        return image
+    if image.mode in BOX_REDUCIBLE_MODES:
+        return image.reduce(factor)
+    size = (-(-image.width // factor), -(-image.height // factor))
+    return image.resize(size, Image.Resampling.NEAREST)  # alpha, palette and 16-bit modes: no full-size copy
 
 
 def check_image_size(width, height, *, max_pixels=MAX_PIXELS):

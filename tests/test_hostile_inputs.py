@@ -438,3 +438,69 @@ def test_a_flagged_image_gets_no_label_from_the_api(browser_client):
     assert answer["ood"]["flagged"] is True and any("colour" in reason for reason in answer["ood"]["reasons"])
     assert answer["label"] is None, "a flagged image gets no class"
     assert list(answer["probabilities"]) == CLASS_NAMES, "its probabilities stay"
+
+
+# --------------------------------------------------------------------------- bounded cost of decoding
+
+
+@pytest.fixture
+def small_working_size(monkeypatch):
+    """Shrink the decoder's working size, so that bounded decoding shows on images a test can afford to make."""
+    import model.decode
+
+    monkeypatch.setattr(model.decode, "WORKING_MAX_SIDE", 256)
+    return 256
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_large_images_are_decoded_at_a_bounded_size(small_working_size, mode):
+    from model.decode import decode_upload
+
+    pixels = make_xray_array(3, size=(600, 900))
+    image = Image.fromarray(pixels, mode="L")
+    if mode == "I;16":
+        image = Image.fromarray(pixels.astype(np.uint16) * 257)
+    elif mode != "L":
+        image = image.convert(mode)
+    decoded = decode_upload(encode(image, "PNG"))
+    assert max(decoded.image.size) <= small_working_size and decoded.image.mode == "L"
+    assert (decoded.metadata["columns"], decoded.metadata["rows"]) == (900, 600), "the file's own size is reported"
+    reference = np.asarray(Image.fromarray(pixels, mode="L").resize(decoded.image.size, Image.BOX), dtype=float)
+    correlation = np.corrcoef(np.asarray(decoded.image, dtype=float).ravel(), reference.ravel())[0, 1]
+    assert correlation > 0.8, "the same film, smaller (16-bit films are windowed, so compare the pattern)"
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale(small_working_size):
+    from model.decode import decode_upload
+
+    jpeg = encode(Image.fromarray(make_xray_array(4, size=(1200, 1600)), mode="L"), "JPEG", quality=90)
+    decoded = decode_upload(jpeg)
+    assert max(decoded.image.size) <= small_working_size
+    assert (decoded.metadata["columns"], decoded.metadata["rows"]) == (1600, 1200)
+
+
+def test_transparent_areas_stay_black_after_reduction(small_working_size):
+    from model.decode import decode_upload
+
+    rgba = np.zeros((600, 600, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, 300:, 3] = 255  # left half fully transparent
+    decoded = np.asarray(decode_upload(encode(Image.fromarray(rgba, "RGBA"), "PNG")).image)
+    assert decoded[:, : decoded.shape[1] // 2 - 2].max() == 0 and decoded[:, decoded.shape[1] // 2 + 2:].min() > 150
+
+
+def test_films_within_the_working_size_decode_exactly_as_before(xray_png):
+    from model.decode import decode_upload
+
+    decoded = decode_upload(xray_png)
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(Image.open(io.BytesIO(xray_png)).convert("L")))
+
+
+def test_an_image_too_large_to_decode_within_the_budget_is_refused(monkeypatch):
+    import model.decode
+    from model.decode import decode_upload
+    from model.errors import InvalidImageError
+
+    monkeypatch.setattr(model.decode, "MAX_DECODED_BYTES", 100_000)
+    with pytest.raises(InvalidImageError, match="too large to decode"):
+        decode_upload(encode(Image.new("RGBA", (400, 400), (10, 20, 30, 255)), "PNG"))
