@@ -3,9 +3,10 @@
 import base64
 import functools
 import logging
+import re
 
 import markdown
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, abort, current_app, render_template, send_from_directory, url_for
 from markupsafe import Markup
 
 from app import get_predictor, request_id
@@ -14,6 +15,8 @@ from app.forms import ACCEPTED_NAMES, UploadForm, human_size, read_upload, the_u
 from model.cam import HEATMAP_COLORMAP, HEATMAP_THRESHOLD, THORAX_BOX, legend_image, to_png_bytes
 
 MODEL_CARD_PATH = REPO_ROOT / "MODEL_CARD.md"
+# The card's figures (confusion matrix, ROC, reliability), served beside the page it renders.
+MODEL_CARD_FIGURES = REPO_ROOT / "docs" / "model"
 # Classes that do not make a study urgent, as in batch triage (scripts/predict.py); every other class is urgent.
 NON_URGENT_CLASSES = ("NORMAL",)
 # Longest uploaded file name shown on the result page (the name is shown, never stored or logged).
@@ -71,7 +74,17 @@ def predict():
 @bp.get("/model-card")
 def model_card():
     """The shipped model's card, MODEL_CARD.md rendered as a page."""
-    return render_template("model_card.html", card=Markup(model_card_html()))
+    figures = url_for("views.model_card_figure", name="")
+    card = re.sub(r'src="docs/model/([\w.-]+\.png)"', lambda match: f'src="{figures}{match.group(1)}"', model_card_html())
+    return render_template("model_card.html", card=Markup(card))
+
+
+@bp.get("/model-card/figures/<name>")
+def model_card_figure(name):
+    """One of the PNG figures the model card shows (send_from_directory refuses paths outside the folder)."""
+    if not name.endswith(".png"):
+        abort(404)
+    return send_from_directory(MODEL_CARD_FIGURES, name)
 
 
 # Technical facts about the upload that the result page may show (never patient or institution fields).

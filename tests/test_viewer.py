@@ -275,6 +275,16 @@ def test_model_card_page_renders_the_markdown(client):
     assert "<title>Model card · CovidScan</title>" in html
     assert " style=" not in html, "table alignment as attributes: the CSP blocks style attributes"
     assert "**" not in text_of(response), "Markdown emphasis rendered"
+    figures = [attrs["src"] for tag, attrs in parse(response).elements if tag == "img"]
+    assert len(figures) == 3 and all(src.startswith("/model-card/figures/") for src in figures)
+    for src in figures:
+        figure = client.get(src)
+        assert figure.status_code == 200 and figure.mimetype == "image/png"
+
+
+@pytest.mark.parametrize("name", ["../../MODEL_CARD.md", "..%2F..%2Fapp%2Fconfig.py", "roc.txt", "missing.png"])
+def test_model_card_figures_serve_only_the_cards_pngs(client, name):
+    assert client.get(f"/model-card/figures/{name}").status_code == 404
 
 
 def test_upload_form_has_a_progress_region_and_its_script(client):
