@@ -1,7 +1,8 @@
 """The PACS worklist: the page (``/worklist``), its JSON API (``/api/v1/worklist``), heatmaps and reviews.
 
-Both sit behind the app's access control (app/security.py): the page and its data like every page (the proxy's user
-header, or a signed-in session), the API like ``/api/v1/predict`` (a bearer token). The worker (scripts/pacs_worker.py)
+Both sit behind the app's access control (app/security.py, ``access_required`` on every route besides the app-wide
+check): the page and its data like every page (the proxy's user header, or a signed-in session), the API like
+``/api/v1/predict`` (a bearer token). The worker (scripts/pacs_worker.py)
 fills the store; this module only reads it, and records reviews with who made them.
 """
 
@@ -14,7 +15,7 @@ from flask import Blueprint, current_app, jsonify, render_template, request, sen
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, ServiceUnavailable
 
 from app import get_predictor, request_id
-from app.security import bearer_token
+from app.security import SESSION_TOKEN_KEY, access_required, bearer_token
 from store import STATUSES, open_store
 from store.database import NotFound as ImageNotFound
 from store.database import MEMORY_DATABASE_URL, default_database_url
@@ -27,7 +28,6 @@ api_bp = Blueprint("worklist_api", __name__)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 ANONYMOUS = "anonymous"
-SESSION_TOKEN_KEY = "signed_in_token"  # app/security.py's session key for a signed-in token's id
 VIEWER_FIELDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "accession_number")
 
 
@@ -194,9 +194,8 @@ def heatmap_png(sop_instance_uid):
     if not pacs_url:
         raise ServiceUnavailable("Heatmaps are fetched from the PACS: set COVIDSCAN_PACS_URL to its DICOMweb root.")
     from pacs.dicomweb import PacsClient, PacsError, PacsUnavailable
-    from pacs.worker import silence_dicom_libraries, to_part10
+    from pacs.worker import to_part10
 
-    silence_dicom_libraries()
     pacs = PacsClient(pacs_url)
     try:
         if image.heatmap_sop_uid:
@@ -221,6 +220,7 @@ def heatmap_png(sop_instance_uid):
 
 
 @bp.get("/worklist")
+@access_required
 def page():
     """The worklist page; static/worklist.js fills and refreshes it from ``/worklist/data``."""
     return render_template("worklist.html", statuses=STATUSES, model_info=get_predictor().model_info,
@@ -228,42 +228,49 @@ def page():
 
 
 @bp.get("/worklist/data")
+@access_required
 def page_data():
     """The worklist JSON for the page (the page's own access control: no API token in a browser)."""
     return jsonify(worklist_json(PAGE_ENDPOINTS))
 
 
 @bp.get("/worklist/<sop_instance_uid>/heatmap.png")
+@access_required
 def heatmap(sop_instance_uid):
     """The heatmap PNG for the page."""
     return heatmap_png(sop_instance_uid)
 
 
 @bp.post("/worklist/<sop_instance_uid>/review")
+@access_required
 def review_from_page(sop_instance_uid):
     """Mark reviewed from the page (CSRF token in the X-CSRFToken header)."""
     return jsonify(item_json(review(sop_instance_uid), PAGE_ENDPOINTS))
 
 
 @api_bp.get("/api/v1/worklist")
+@access_required
 def api_worklist():
     """The worklist as JSON: ``items`` most urgent first, with paging (``page``, ``per_page``) and filters."""
     return jsonify(worklist_json(API_ENDPOINTS))
 
 
 @api_bp.get("/api/v1/worklist/<sop_instance_uid>/heatmap.png")
+@access_required
 def api_heatmap(sop_instance_uid):
     """The heatmap PNG of one image."""
     return heatmap_png(sop_instance_uid)
 
 
 @api_bp.post("/api/v1/worklist/<sop_instance_uid>/review")
+@access_required
 def api_review(sop_instance_uid):
     """Mark an image reviewed; the audit trail records the token's id as the reader."""
     return jsonify(item_json(review(sop_instance_uid), API_ENDPOINTS))
 
 
 @api_bp.get("/api/v1/worklist/<sop_instance_uid>/reviews")
+@access_required
 def api_reviews(sop_instance_uid):
     """The audit trail of one image: who reviewed it and when."""
     events = get_store().review_events(sop_instance_uid)
