@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from model.ood import fit_mahalanobis, mahalanobis_score
 from research import evaluate_ood
 
 
+@pytest.mark.slow  # research: scores six OOD sets end to end
 def test_ood_evaluation_reports_every_set(tiny_checkpoint_path, image_folder, tmp_path, capsys):
     """The OOD evaluation runs end to end on the tiny model and reports an AUROC per set."""
     from model.checkpoint import load_checkpoint, save_checkpoint
