@@ -32,6 +32,7 @@ KNOWN_PHOTOMETRIC = MONOCHROME | COLOUR | frozenset(
     {"PALETTE COLOR", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "HSV", "ARGB", "CMYK"}
 )
 PERCENTILE_WINDOW = (0.5, 99.5)
+PERCENTILE_SAMPLES = 4_000_000  # pixels the percentile window is computed on (every pixel of a 2000 x 2000 film)
 
 LATERAL_WARNING = "lateral view: the model was trained on frontal (PA/AP) films"
 NO_MODALITY_WARNING = "the DICOM file does not state its modality; make sure it is a chest radiograph (CR/DX)"
@@ -216,7 +217,8 @@ def _monochrome_to_uint8(pixels, dataset):
         # Already display values: keep them, as a PNG export of the same 8-bit data would be read.
         image, description = pixels, "none (8-bit values)"
     else:
-        low, high = np.percentile(values, PERCENTILE_WINDOW)
+        step = max(1, int(np.sqrt(values.size / PERCENTILE_SAMPLES)))  # a regular subsample of a huge film
+        low, high = np.percentile(values[::step, ::step], PERCENTILE_WINDOW)
         if high <= low:
             low, high = float(values.min()), float(values.max())
         image = _linear_to_uint8(values, low, high)
@@ -274,5 +276,10 @@ def _linear_to_uint8(values, low, high):
     """Map low..high linearly onto 0..255, clipping outside."""
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (np.asarray(values, dtype=np.float64) - low) * (255.0 / (high - low))
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    # float32, in place: one working copy of the film (a 25 MP float64 pipeline held 600 MB; issue 33)
+    scaled = np.array(values, dtype=np.float32)
+    scaled -= low
+    scaled *= 255.0 / (high - low)
+    scaled += 0.5
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
