@@ -54,7 +54,7 @@ def decode_upload(data, *, max_pixels=MAX_PIXELS):
     if looks_like_dicom(data):
         image, metadata, warnings_for_reader = decode_dicom(
             data, check_size=functools.partial(check_image_size, max_pixels=max_pixels))
-        return DecodedImage(image, metadata, warnings_for_reader)
+        return DecodedImage(reduce_to_working_size(image), metadata, warnings_for_reader)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
