@@ -357,7 +357,7 @@ def finetune(args):
     best = load_checkpoint(best_path)
     network.load_state_dict(best["state_dict"])
     report = calibrate_tail(best, tail, train_cache, train_set.targets, val_cache, val_set.targets,
-                            precision=args.precision)
+                            precision=args.precision, false_flag_rate=args.false_flag_rate)
     save_checkpoint(best, best_path)
     (output_dir / "calibration.json").write_text(json.dumps(report, indent=2))
     logger.info("calibrated %s: %s", best_path, json.dumps(report))

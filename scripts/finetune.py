@@ -47,6 +47,9 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--false-flag-rate", type=float, default=0.01,
+                        help="share of real val X-rays the OOD threshold may flag (default %(default)s); running the "
+                             "same command again after training only recalibrates")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                         help="bf16 autocast (fast on CPUs with AVX-512 BF16 / AMX) or plain fp32")
     parser.add_argument("--time-limit", type=float, default=0, help="minutes of training after the cache (0: none)")
