@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -91,6 +92,7 @@ def main(args):
                                      radiograph_dataset, PacsClient, Worker, open_store)
     finally:
         orthanc.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     baseline = results["predict.py (batch 16, 2 decoders)"]
     print(f"\nPACS worker vs batch triage, {args.images} films of {args.size}x{args.size} px, "
           f"model {predictor.model_info['name']} ({predictor.backend} backend), {torch.get_num_threads()} threads")
