@@ -4,6 +4,7 @@ import base64
 import functools
 import logging
 import re
+import unicodedata
 
 import markdown
 from flask import Blueprint, abort, current_app, render_template, send_from_directory, url_for
@@ -128,7 +129,9 @@ def first_error(form):
 
 def shown_filename(filename):
     """The uploaded file's name as the page shows it: its last path part, shortened when very long; None if absent."""
-    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    # control and format characters (NUL, bidi overrides) could hide or disguise part of the name
+    name = "".join(char for char in name if not unicodedata.category(char).startswith("C")).strip()
     if not name:
         return None
     return name if len(name) <= SHOWN_FILENAME_LENGTH else name[: SHOWN_FILENAME_LENGTH - 1] + "…"
