@@ -38,8 +38,7 @@ def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_s
     from pathlib import Path
 
     from model.evaluation import split_outputs
-    from model.metrics import expected_calibration_error, softmax
-    from model.ood import DEFAULT_COMPONENTS, DEFAULT_GRID, fit_ood_statistics
+    from model.ood import DEFAULT_COMPONENTS, DEFAULT_GRID
 
     data_root = Path(data_root)
     grid = DEFAULT_GRID if grid is None else grid
@@ -48,6 +47,17 @@ def calibrate_checkpoint(checkpoint, data_root, *, false_flag_rate=0.01, batch_s
                "feature_grid": grid}
     _, train_features, train_targets, _ = split_outputs(checkpoint, data_root / "train", **options)
     val_logits, val_features, val_targets, _ = split_outputs(checkpoint, data_root / "val", **options)
+    return calibrate_from_outputs(checkpoint, train_features, train_targets, val_logits, val_features, val_targets,
+                                  components=components, grid=grid, false_flag_rate=false_flag_rate)
+
+
+def calibrate_from_outputs(checkpoint, train_features, train_targets, val_logits, val_features, val_targets, *,
+                           components, grid, false_flag_rate=0.01):
+    """Fit the temperature on the val logits and the OOD statistics on the pooled train features (threshold on
+    val); store both in ``checkpoint`` and return a report dict with the numbers behind the choice."""
+    from model.metrics import expected_calibration_error, softmax
+    from model.ood import fit_ood_statistics
+
     temperature = fit_temperature(val_logits, val_targets)
     statistics, val_scores = fit_ood_statistics(train_features, train_targets, val_features, components=components,
                                                 grid=grid, false_flag_rate=false_flag_rate)

@@ -24,12 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.calibration import fit_temperature, negative_log_likelihood
+from model.calibration import calibrate_from_outputs
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint, make_checkpoint, save_checkpoint
 from model.data import make_image_folder, read_manifest_groups
 from model.errors import CovidScanError, DataError
-from model.metrics import compute_metrics, expected_calibration_error, softmax
-from model.ood import DEFAULT_COMPONENTS, DEFAULT_GRID, fit_ood_statistics, pooled_features
+from model.metrics import compute_metrics, softmax
+from model.ood import DEFAULT_COMPONENTS, DEFAULT_GRID, pooled_features
 from model.transforms import build_eval_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -278,20 +278,8 @@ def calibrate_tail(checkpoint, tail, train_cache, train_targets, val_cache, val_
     """Fit the temperature on val and the OOD statistics on train from the cached clean views (view 0)."""
     val_logits, val_features = tail_outputs(tail, val_cache, precision=precision, grid=DEFAULT_GRID)
     _, train_features = tail_outputs(tail, train_cache, precision=precision, grid=DEFAULT_GRID)
-    temperature = fit_temperature(val_logits, val_targets)
-    statistics, val_scores = fit_ood_statistics(train_features, train_targets, val_features,
-                                                components=DEFAULT_COMPONENTS, grid=DEFAULT_GRID,
-                                                false_flag_rate=false_flag_rate)
-    checkpoint["temperature"], checkpoint["ood"] = temperature, statistics
-    return {
-        "temperature": temperature,
-        "val_nll_before": negative_log_likelihood(val_logits, val_targets),
-        "val_nll_after": negative_log_likelihood(val_logits, val_targets, temperature),
-        "val_ece_before": expected_calibration_error(val_targets, softmax(val_logits)),
-        "val_ece_after": expected_calibration_error(val_targets, softmax(val_logits, temperature)),
-        "ood_threshold": statistics["threshold"],
-        "ood_val_flag_rate": float((val_scores > statistics["threshold"]).mean()),
-    }
+    return calibrate_from_outputs(checkpoint, train_features, train_targets, val_logits, val_features, val_targets,
+                                  components=DEFAULT_COMPONENTS, grid=DEFAULT_GRID, false_flag_rate=false_flag_rate)
 
 
 def finetune(args):
