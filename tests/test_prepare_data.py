@@ -28,6 +28,7 @@ from model.preparation import (
     split_patient_groups,
 )
 from model.decode import decode_image
+from conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"
@@ -472,12 +473,16 @@ def test_cli_writes_dataset_and_summary(tmp_path, kermany_dir, covid_dir):
         (),
     ],
 )
-def test_cli_rejects_bad_input_with_one_line(tmp_path, arguments):
+def test_cli_rejects_bad_input_with_one_line(tmp_path, arguments, capsys):
+    # in-process (a fresh interpreter costs seconds); test_cli_writes_dataset_and_summary checks the real exit code
+    script = load_script("prepare_data.py")
     bad = tmp_path / "not-kermany"
     save_image(bad / "random" / "x.jpeg", 1)
-    result = run_cli(*(argument.format(bad=bad) for argument in arguments), "--output", tmp_path / "out")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    argv = [*(argument.format(bad=bad) for argument in arguments), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.get_args_parser().parse_args(argv))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not (tmp_path / "out").exists()
 
