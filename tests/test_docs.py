@@ -10,7 +10,7 @@ DOCS = REPO_ROOT / "docs"
 README = REPO_ROOT / "README.md"
 MAX_DOC_BYTES = 30 * 1024
 # Markdown files whose links and commands are checked: the README, everything under docs/, research's README.
-CHECKED_MARKDOWN = [README, REPO_ROOT / "research" / "README.md", *sorted(DOCS.rglob("*.md"))]
+CHECKED_MARKDOWN = [README, REPO_ROOT / "MODEL_CARD.md", REPO_ROOT / "research" / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.MULTILINE)
