@@ -161,8 +161,6 @@ def tiny_checkpoint_path(tmp_path_factory):
 @pytest.fixture
 def app(tiny_checkpoint_path):
     """The Flask app in testing mode around the tiny checkpoint (CSRF off unless a test turns it on)."""
-    import gc
-
     from app import create_app
 
     yield create_app(
@@ -173,7 +171,22 @@ def app(tiny_checkpoint_path):
             "MODEL_PATH": str(tiny_checkpoint_path),
         }
     )
-    gc.collect()  # each app holds a model; free it now rather than at some later collection
+    collect_apps_now_and_then()
+
+
+_apps_since_collection = 0
+
+
+def collect_apps_now_and_then(every=12):
+    """A Flask app sits in reference cycles with its model; collect every few apps rather than after each (a full
+    collection costs ~0.3 s with torch loaded, which after every test was a quarter of the fast suite)."""
+    import gc
+
+    global _apps_since_collection
+    _apps_since_collection += 1
+    if _apps_since_collection >= every:
+        _apps_since_collection = 0
+        gc.collect()
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Security by default: headers, cookies, proxies, debug mode, API tokens, proxy sign-in, rate limits, privacy."""
 
-import gc
 import hashlib
 import html
 import io
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASS_NAMES, encode, make_xray_array
+from conftest import CLASS_NAMES, collect_apps_now_and_then, encode, make_xray_array
 
 API_TOKEN = "covidscan-test-token-7f3a9c"
 OTHER_TOKEN = "a-second-client-token-41b2"
@@ -51,8 +50,7 @@ def make_app(tiny_checkpoint_path, monkeypatch):
         return create_app(config)
 
     yield build
-    # A Flask app sits in reference cycles; collect it now, with its model, rather than let dozens pile up.
-    gc.collect()
+    collect_apps_now_and_then()
 
 
 def png_bytes(seed=1):
