@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,11 +114,16 @@ def get_args_parser():
     return parser
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args):
     """Start Orthanc, send studies, run the worker, then serve the app until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pacs.orthanc import OrthancServer
 
+    signal.signal(signal.SIGTERM, _stop)  # `kill` cleans up like Ctrl-C (a background job ignores SIGINT)
     folder = Path(tempfile.mkdtemp(prefix="covidscan-pacs-demo-"))
     orthanc = OrthancServer(folder / "orthanc", stable_age=1).start()
     processes = []
