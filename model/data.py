@@ -77,12 +77,33 @@ def sample_sources(dataset, sources):
 
 def source_balanced_weights(dataset, sources):
     """Per-sample weights so that each (class, source) group is drawn equally often within its class."""
-    groups = list(zip(dataset.targets, sample_sources(dataset, sources)))
-    group_sizes = Counter(groups)
-    groups_per_class = Counter(target for target, _ in group_sizes)
-    return torch.tensor(
-        [1.0 / (group_sizes[group] * groups_per_class[group[0]]) for group in groups], dtype=torch.double
-    )
+    return group_balanced_weights(dataset.targets, sample_sources(dataset, sources), min_group=1)
+
+
+# Groups with fewer training films than this keep their natural share of their class instead of an equal one:
+# drawing 11 films a quarter of the time would learn those films, not their source.
+MIN_BALANCED_GROUP = 100
+
+
+def group_balanced_weights(targets, sources, *, min_group=MIN_BALANCED_GROUP, balance=1.0):
+    """Per-film sampling weights (summing to 1): each class an equal share; inside a class, each source group of at
+    least ``min_group`` films an equal share of what smaller groups leave (smaller groups keep their natural share).
+
+    ``balance`` blends this with drawing every film equally often: 1 is fully group-balanced, 0 the natural mix.
+    """
+    groups = list(zip(targets, sources))
+    sizes = Counter(groups)
+    class_sizes = Counter(targets)
+    share = {}
+    for target in class_sizes:
+        members = {group: size for group, size in sizes.items() if group[0] == target}
+        small = {group: size / class_sizes[target] for group, size in members.items() if size < min_group}
+        large = [group for group in members if group not in small]
+        share.update(small)
+        left = 1.0 - sum(small.values())
+        share.update({group: left / len(large) for group in large} if large else {})
+    weights = torch.tensor([share[group] / sizes[group] / len(class_sizes) for group in groups], dtype=torch.double)
+    return balance * weights + (1.0 - balance) / len(groups)
 
 
 AGE_PATTERN = re.compile(r"\bage (\d{1,3})\b")

@@ -12,7 +12,6 @@ Steps, each resumable: ``cache_features`` -> ``train_tail`` (``last.pt`` after e
 import csv
 import json
 import logging
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,17 +25,15 @@ from tqdm import tqdm
 
 from model.calibration import calibrate_from_outputs
 from model.checkpoint import build_model_from_checkpoint, load_checkpoint, make_checkpoint, save_checkpoint
-from model.data import make_image_folder, read_manifest_groups
+from model.data import group_balanced_weights, make_image_folder, read_manifest_groups
 from model.errors import CovidScanError, DataError
-from model.metrics import compute_metrics, softmax
+from model.metrics import compute_metrics, group_metrics, softmax
 from model.ood import DEFAULT_COMPONENTS, DEFAULT_GRID, pooled_features
+from model.training import WarmupCosine
 from model.transforms import build_eval_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
 
-# Groups with fewer training films than this keep their natural share of their class instead of an equal one:
-# drawing 11 films a quarter of the time would learn those films, not their source.
-MIN_BALANCED_GROUP = 100
 # Val groups with fewer films than this are reported but do not count towards the selection score.
 MIN_SCORED_GROUP = 20
 
@@ -125,37 +122,6 @@ def cache_features(trunk, dataset, path, *, views, batch_size=16, workers=2, pre
     return np.load(path, mmap_mode="r")
 
 
-def group_balanced_weights(targets, sources, *, min_group=MIN_BALANCED_GROUP, balance=1.0):
-    """Per-film sampling weights (summing to 1): each class an equal share; inside a class, each source group of at
-    least ``min_group`` films an equal share of what smaller groups leave (smaller groups keep their natural share).
-
-    ``balance`` blends this with drawing every film equally often: 1 is fully group-balanced, 0 the natural mix.
-    """
-    groups = list(zip(targets, sources))
-    sizes = Counter(groups)
-    class_sizes = Counter(targets)
-    share = {}
-    for target in class_sizes:
-        members = {group: size for group, size in sizes.items() if group[0] == target}
-        small = {group: size / class_sizes[target] for group, size in members.items() if size < min_group}
-        large = [group for group in members if group not in small]
-        share.update(small)
-        left = 1.0 - sum(small.values())
-        share.update({group: left / len(large) for group in large} if large else {})
-    weights = torch.tensor([share[group] / sizes[group] / len(class_sizes) for group in groups], dtype=torch.double)
-    return balance * weights + (1.0 - balance) / len(groups)
-
-
-def group_recalls(targets, predictions, sources, class_names):
-    """Sensitivity per (class, source) group: ``{"CLASS|source": {"n": .., "sensitivity": ..}}``."""
-    table = {}
-    for (target, source), count in sorted(Counter(zip(targets, sources)).items()):
-        members = [p for t, s, p in zip(targets, sources, predictions) if t == target and s == source]
-        table[f"{class_names[target]}|{source}"] = {
-            "n": count, "sensitivity": float(np.mean(np.asarray(members) == target))}
-    return table
-
-
 def selection_score(recalls, *, min_count=MIN_SCORED_GROUP, held_out=()):
     """Mean sensitivity over the val groups with at least ``min_count`` films: no group may be traded away.
 
@@ -181,13 +147,6 @@ def tail_outputs(tail, cache, *, view=0, batch_size=64, precision="bf16", grid=N
     return (logits, torch.cat(features).numpy()) if grid is not None else logits
 
 
-def _warmup_cosine(step, total_steps, warmup_steps):
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_tail(tail, train_cache, train_targets, weights, val_cache, val_targets, val_sources, class_names, *,
                output_dir, save_best, epochs=12, batch_size=64, lr=3e-4, weight_decay=0.05, precision="bf16",
                seed=0, time_limit=0.0, progress=True, held_out=()):
@@ -200,8 +159,7 @@ def train_tail(tail, train_cache, train_targets, weights, val_cache, val_targets
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(train_targets) // batch_size)
     total_steps = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total_steps,
-                                                                                          steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, steps_per_epoch))
     start_epoch, best = 0, {"score": -1.0}
     if last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
@@ -236,7 +194,7 @@ def train_tail(tail, train_cache, train_targets, weights, val_cache, val_targets
             running_loss += loss.item()
         val_logits = tail_outputs(tail, val_cache, precision=precision)
         predictions = val_logits.argmax(1)
-        recalls = group_recalls(list(val_targets), list(predictions), val_sources, class_names)
+        recalls = group_metrics(val_targets, predictions, class_names, val_sources)
         metrics = compute_metrics(np.asarray(val_targets), softmax(val_logits), class_names)
         report = {"epoch": epoch, "score": selection_score(recalls, held_out=held_out),
                   "accuracy": metrics["accuracy"],

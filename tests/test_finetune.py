@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +38,7 @@ def sourced_folder(tmp_path_factory):
 
 
 def test_group_balanced_weights_give_each_large_group_an_equal_share_of_its_class():
-    from model.finetune import group_balanced_weights
+    from model.data import group_balanced_weights
 
     targets = [0] * 300 + [1] * 100 + [1] * 20 + [1] * 280
     sources = ["a"] * 300 + ["b"] * 100 + ["tiny"] * 20 + ["c"] * 280
@@ -155,7 +154,7 @@ def test_selection_score_ignores_small_and_held_out_groups():
 
 
 def test_balance_blends_group_balanced_and_natural_draws():
-    from model.finetune import group_balanced_weights
+    from model.data import group_balanced_weights
 
     targets, sources = [0] * 90 + [1] * 10, ["a"] * 90 + ["b"] * 10
     natural = group_balanced_weights(targets, sources, balance=0.0).numpy()
