@@ -162,3 +162,16 @@ def test_balance_blends_group_balanced_and_natural_draws():
     assert natural == pytest.approx(np.full(100, 0.01))
     assert half[-10:].sum() == pytest.approx(0.5 * 0.5 + 0.5 * 0.1)
     assert half.sum() == pytest.approx(1.0)
+
+
+def test_source_sampler_weights_draw_every_group_equally_within_its_class(tmp_path):
+    from types import SimpleNamespace
+
+    from model.data import source_balanced_weights
+
+    paths = [str(tmp_path / f"{index}.png") for index in range(8)]
+    dataset = SimpleNamespace(targets=[0, 0, 0, 1, 1, 1, 1, 1], samples=[(path, 0) for path in paths])
+    sources = dict(zip(paths, ["a", "a", "b", "a", "b", "b", "b", "tiny"]))
+    weights = source_balanced_weights(dataset, sources).numpy()
+    assert weights[:2].sum() == pytest.approx(weights[2]) == pytest.approx(0.25)  # class 0: a and b a half each
+    assert weights[3] == pytest.approx(weights[4:7].sum()) == pytest.approx(weights[7]) == pytest.approx(0.5 / 3)
