@@ -2,9 +2,7 @@
 
 import io
 import logging
-import re
 import uuid
-import warnings
 from pathlib import Path
 
 from flask import Flask, Request, current_app, g, request
@@ -13,6 +11,7 @@ from flask_wtf.csrf import CSRFProtect
 from app.config import ENV_PREFIX, HSTS_HEADER, REPO_ROOT, SECURITY_HEADERS, load_config, model_missing_hint
 from model.errors import CheckpointError
 from model.inference import Predictor, file_sha256
+from model.log_guard import install_log_guard
 from model.references import verify_references
 
 csrf = CSRFProtect()
@@ -65,53 +64,13 @@ class InMemoryRequest(Request):
             self.multipart_unreadable = True
 
 
-# Libraries that read the uploads: their log messages and warnings may quote a value from the file (pydicom's
-# "Invalid value for VR IS: 'Doe^Jane'"), so what follows a colon and anything in quotes is withheld.
-UPLOAD_READING_LIBRARIES = ("pydicom", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "highdicom")
-WITHHELD = "<value withheld>"
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
-library_logger = logging.getLogger("app.library")
-
-
 def configure_logging(app):
     """Set the app's log level and keep values from the uploads out of library log lines and warnings.
 
     Handlers belong to the entry point (gunicorn, or Flask's default one).
     """
     app.logger.setLevel(str(app.config["LOG_LEVEL"]).upper())
-    install_log_guard()
-
-
-def without_values(message):
-    """A library message with the values it may quote from an upload withheld (text after the first colon, quotes)."""
-    head, colon, _ = str(message).partition(":")
-    head = _QUOTED.sub(WITHHELD, head).strip()
-    return f"{head}: {WITHHELD}" if colon else head
-
-
-def install_log_guard():
-    """Rewrite upload-reading libraries' log records, and log every Python warning through ``without_values``.
-
-    Idempotent; applies to the whole process (one app per gunicorn worker).
-    """
-    factory = logging.getLogRecordFactory()
-    if not getattr(factory, "covidscan_guard", False):
-        def guarded_record(*args, **kwargs):
-            record = factory(*args, **kwargs)
-            if record.name.split(".")[0] in UPLOAD_READING_LIBRARIES:
-                record.msg, record.args = without_values(record.getMessage()), ()
-            return record
-
-        guarded_record.covidscan_guard = True
-        logging.setLogRecordFactory(guarded_record)
-    warnings.showwarning = log_warning
-
-
-def log_warning(message, category, filename, lineno, file=None, line=None):
-    """``warnings.showwarning`` replacement: category, module and the message without values, to the app's log."""
-    module = Path(str(filename)).stem
-    library_logger.warning("%s in %s: %s", getattr(category, "__name__", "Warning"), module,
-                           without_values(message))
+    install_log_guard(logging.getLogger("app.library"))
 
 
 def load_predictor(app):

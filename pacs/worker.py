@@ -12,9 +12,9 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 
 from model.errors import CovidScanError
+from model.log_guard import install_log_guard
 from pacs.dicomweb import PacsError, PacsUnavailable
 from pacs.feeds import make_feed
 from pacs.results import build_heatmap, build_sr, result_uids
@@ -27,7 +27,6 @@ BACKOFF_START_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
 ONCE_MAX_OUTAGE_SECONDS = 60.0
 # Loggers of DICOM libraries whose warnings may quote header values (a patient's name among them).
-DICOM_LIBRARY_LOGGERS = ("pydicom", "highdicom", "dicomweb_client")
 
 
 class WorkerStopped(Exception):
@@ -40,19 +39,12 @@ def urgency(probabilities):
 
 
 def silence_dicom_libraries():
-    """Keep the DICOM libraries' warnings (which may quote patient data) out of every log and stderr."""
-    for name in DICOM_LIBRARY_LOGGERS:
-        library_logger = logging.getLogger(name)
-        library_logger.setLevel(logging.CRITICAL + 1)
-        library_logger.propagate = False
-    for module in DICOM_LIBRARY_LOGGERS:
-        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?$")
-    try:
-        from pydicom import config
+    """Keep the DICOM libraries' warnings (which may quote patient data) out of every log: the app's log guard
+    (``model.log_guard``), and pydicom's header validation off, since the worker reads whatever the PACS holds."""
+    install_log_guard()
+    from pydicom import config
 
-        config.settings.reading_validation_mode = config.IGNORE
-    except ImportError:
-        pass
+    config.settings.reading_validation_mode = config.IGNORE
 
 
 def default_worker_id():

@@ -45,6 +45,9 @@ def main(args):
     """Find inputs, predict in batches, write the sorted CSV, report images per second."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from model.inference import Predictor
+    from model.log_guard import install_log_guard
+
+    install_log_guard()  # DICOM headers are patient data: library warnings lose the values they quote
 
     if args.batch_size < 1 or args.workers < 0:
         sys.exit("error: --batch-size must be at least 1 and --workers at least 0")
