@@ -54,11 +54,12 @@ class Predictor:
         self.ood_statistics = checkpoint.get("ood")
         self.device = torch.device(device)
         self.network = build_model_from_checkpoint(checkpoint).to(self.device)
-        # backend: model.runtime.BACKENDS, or None for COVIDSCAN_INFERENCE_BACKEND / the measured default.
-        self.runtime = build_runtime_for_predictor(self, backend, cache_key=sha256)
-        self.backend = self.runtime.name
         self.checkpoint_path = checkpoint_path
         self.sha256 = sha256
+        # backend: model.runtime.BACKENDS, or None for COVIDSCAN_INFERENCE_BACKEND / the int8 fast path beside the
+        # checkpoint when there is one (model/quantize.py) / float32 ONNX.
+        self.runtime = build_runtime_for_predictor(self, backend, cache_key=sha256)
+        self.backend = self.runtime.name
 
     @classmethod
     def from_path(cls, path, *, device="cpu", backend=None):

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import tempfile
@@ -21,16 +22,21 @@ from model.network import feature_layer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# eager: the reference and the fallback; channels_last: for other devices; onnx: the CPU default; bf16: the fastest
-# at batch 16 on trained weights, batch triage's candidate (scripts/predict.py --backend bf16). A TorchScript backend
-# was measured too (benchmarks/README.md) and dropped: slower than onnx at batch 1 and than bf16 at batch 16.
-BACKENDS = ("eager", "channels_last", "bf16", "onnx")
-# Chosen by benchmarks/bench_inference.py: the fastest backend that agrees with eager on every test image
-# (same class, max |delta p| <= 0.01). benchmarks/README.md has the figures behind this choice.
+# eager: the reference and the last fallback; channels_last: for other devices; onnx: float32 ONNX Runtime, the
+# CPU default when there is no fast path; int8: the fast path, ONNX Runtime on the statically quantized file written
+# by `scripts/export.py --int8` beside the checkpoint (model/quantize.py); bf16: PyTorch bfloat16, measured beside
+# them. A TorchScript backend was measured too (benchmarks/README.md) and dropped.
+BACKENDS = ("eager", "channels_last", "bf16", "onnx", "int8")
+# With no backend named, the CPU runs FAST_BACKEND when its file exists, belongs to the checkpoint and the CPU has
+# int8 dot-product instructions, else DEFAULT_BACKEND; benchmarks/bench_fast_path.py has the figures behind this.
 DEFAULT_BACKEND = "onnx"
+FAST_BACKEND = "int8"
 BACKEND_ENVIRONMENT_VARIABLE = "COVIDSCAN_INFERENCE_BACKEND"
 # Backends that only make sense on the CPU; other devices run eager or channels_last.
-CPU_ONLY_BACKENDS = ("bf16", "onnx")
+CPU_ONLY_BACKENDS = ("bf16", "onnx", "int8")
+# /proc/cpuinfo flags of the int8 dot products ONNX Runtime's kernels use (x86 VNNI and AMX, Arm's SDOT/UDOT).
+# Without them its u8 x s8 products can saturate and are barely faster than float32, so float32 stays the default.
+INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp")
 ONNX_OPSET = 18
 # The ONNX exporter logs each optimisation pass at INFO.
 EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
@@ -58,10 +64,17 @@ class FeatureNetwork(nn.Module):
         return logits, features
 
 
+def requested_backend(backend=None):
+    """The backend asked for: the given name, else ``COVIDSCAN_INFERENCE_BACKEND``, else ``"auto"``."""
+    return (backend or os.environ.get(BACKEND_ENVIRONMENT_VARIABLE) or "auto").strip().lower()
+
+
 def resolve_backend(backend=None, *, device="cpu"):
-    """The backend to use: the given name, else ``COVIDSCAN_INFERENCE_BACKEND``, else the measured default."""
-    requested = backend or os.environ.get(BACKEND_ENVIRONMENT_VARIABLE) or "auto"
-    requested = requested.strip().lower()
+    """The backend to use without a fast-path file: the given name, else the variable, else the default.
+
+    ``auto`` gives ``DEFAULT_BACKEND`` on the CPU; ``build_runtime_for_predictor`` upgrades it to the fast path.
+    """
+    requested = requested_backend(backend)
     if requested == "auto":
         return DEFAULT_BACKEND if torch.device(device).type == "cpu" else "eager"
     if requested not in BACKENDS:
@@ -71,29 +84,98 @@ def resolve_backend(backend=None, *, device="cpu"):
     return requested
 
 
+def cpu_int8_support(cpuinfo_path="/proc/cpuinfo"):
+    """``(True, flag)`` when this CPU has int8 dot-product instructions, else ``(False, reason)``."""
+    try:
+        text = open(cpuinfo_path, encoding="ascii", errors="replace").read()
+    except OSError:
+        return False, f"cannot read {cpuinfo_path} to tell whether this CPU has int8 dot-product instructions"
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    for flag in INT8_CPU_FLAGS:
+        if flag in flags:
+            return True, flag
+    return False, f"this CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)})"
+
+
+def fast_path_file(checkpoint_path, sha256):
+    """``(path, None)`` when the checkpoint has an int8 file made from it, else ``(None, why not)``."""
+    from model.quantize import fast_path_path, read_fast_path_metadata
+
+    if not checkpoint_path:
+        return None, "the checkpoint was not loaded from a file, so it has no int8 file beside it"
+    path = fast_path_path(checkpoint_path)
+    if not path.is_file():
+        return None, f"there is no int8 file at {path} (scripts/export.py --int8 DATA writes it)"
+    try:
+        recorded = read_fast_path_metadata(path).get("checkpoint_sha256")
+    except Exception as error:  # onnx's DecodeError and OSError alike: a damaged file is not run
+        return None, f"{path} cannot be read ({type(error).__name__})"
+    if not sha256 or recorded != sha256:
+        return None, (f"{path} was made from another checkpoint (SHA-256 {str(recorded)[:12]}..., not "
+                      f"{str(sha256)[:12]}...); write it again with scripts/export.py --int8")
+    return path, None
+
+
 def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
-    """The runtime a ``Predictor`` uses: an explicitly requested backend must build; the default falls back to eager."""
+    """The runtime a ``Predictor`` uses, with which one and why logged.
+
+    An explicitly requested backend must build (``int8`` needs a file made from this checkpoint). With none, the
+    CPU runs the int8 fast path when that file is there and the CPU has int8 dot products, else float32 ONNX; a
+    default that fails to build falls back to the next one (int8 -> onnx -> eager) with a warning.
+    """
+    requested = requested_backend(backend)
     name = resolve_backend(backend, device=predictor.device)
     params = predictor.transform_params
     example_input = torch.zeros(1, params["channels"], params["crop_size"], params["crop_size"])
+    build = functools.partial(build_runtime, predictor.network, example_input=example_input, device=predictor.device,
+                              cache_key=cache_key)
+    if name == FAST_BACKEND:
+        path, reason = fast_path_file(predictor.checkpoint_path, predictor.sha256)
+        if path is None:
+            raise BackendError(f"inference backend {FAST_BACKEND!r} was asked for, but {reason}")
+        logger.info("inference backend %s, as asked (%s)", FAST_BACKEND, path)
+        return build(FAST_BACKEND, model_path=path)
+    if requested == "auto" and name == DEFAULT_BACKEND:
+        path, reason = fast_path_file(predictor.checkpoint_path, predictor.sha256)
+        supported, flag = cpu_int8_support()
+        if path is not None and supported:
+            try:
+                runtime = build(FAST_BACKEND, model_path=path)
+            except BackendError as error:
+                logger.warning("%s; using float32 ONNX instead", error)
+            else:
+                logger.info("inference backend %s, the fast path (%s; this CPU has %s)", FAST_BACKEND, path, flag)
+                return runtime
+        else:
+            logger.info("inference backend %s (float32), not the int8 fast path: %s", DEFAULT_BACKEND,
+                        reason if path is None else flag)
     try:
-        return build_runtime(predictor.network, name, example_input=example_input, device=predictor.device,
-                             cache_key=cache_key)
+        runtime = build(name)
     except BackendError as error:
-        requested = (backend or os.environ.get(BACKEND_ENVIRONMENT_VARIABLE) or "auto").strip().lower()
         if requested != "auto" or name == "eager":
             raise
         logger.warning("%s; using the eager backend instead", error)
-        return build_runtime(predictor.network, "eager", example_input=example_input, device=predictor.device)
+        return build("eager")
+    if requested != "auto":
+        logger.info("inference backend %s, as asked", name)
+    return runtime
 
 
-def build_runtime(network, backend, *, example_input, device="cpu", cache_key=None):
-    """Build (and warm up) the runtime for ``backend`` around an eval-mode network; raises ``BackendError``."""
+def build_runtime(network, backend, *, example_input, device="cpu", cache_key=None, model_path=None):
+    """Build (and warm up) the runtime for ``backend`` around an eval-mode network; raises ``BackendError``.
+
+    ``model_path``: the int8 backend's ONNX file.
+    """
     builders = {
         "eager": EagerRuntime,
         "channels_last": ChannelsLastRuntime,
         "bf16": Bfloat16Runtime,
         "onnx": OnnxRuntime,
+        "int8": Int8OnnxRuntime,
     }
     if backend not in builders:
         raise BackendError(f"unknown inference backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -101,6 +183,10 @@ def build_runtime(network, backend, *, example_input, device="cpu", cache_key=No
     try:
         if backend == "onnx":
             runtime = OnnxRuntime(network.eval(), example_input, cache_key=cache_key)
+        elif backend == "int8":
+            if model_path is None:
+                raise BackendError("inference backend 'int8' needs the path of its ONNX file")
+            runtime = Int8OnnxRuntime(model_path)
         else:
             runtime = builders[backend](network.eval(), example_input)
         runtime(example_input)  # fail at start-up rather than on the first request
@@ -213,6 +299,28 @@ class OnnxRuntime(Runtime):
         images = batch.detach().to("cpu", torch.float32).contiguous().numpy()
         logits, features = self.session().run(["logits", "features"], {"images": images})
         return torch.from_numpy(logits), torch.from_numpy(features)
+
+
+class Int8OnnxRuntime(OnnxRuntime):
+    """The int8 fast path: the quantized ONNX file written at export, run by ONNX Runtime's CPU provider.
+
+    Nothing is exported or quantized here: the file's bytes are read once, and sessions are opened (and shared
+    across a fork) as for ``OnnxRuntime``.
+    """
+
+    name = "int8"
+
+    def __init__(self, model_path):
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise BackendError("inference backend 'int8' needs onnxruntime (pip install -r requirements.txt)") from error
+        onnxruntime.disable_telemetry_events()
+        self.model_path = str(model_path)
+        self.model_bytes = open(model_path, "rb").read()
+        self._session = None
+        self._session_key = None
+        self._lock = threading.Lock()
 
 
 def export_onnx(network, example_input, path=None):

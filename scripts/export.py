@@ -3,6 +3,9 @@
 With ``--calibrate DATA`` (or ``--references DATA`` alone) it also stores reference inputs from DATA/val and the
 probabilities the exported weights give them, which the server re-checks at start-up (model/references.py).
 ``--references DATA`` on an existing serving checkpoint adds them without refitting anything.
+With ``--int8 DATA`` it also writes the int8 fast path beside the serving checkpoint (``models/default.pt`` ->
+``models/default.int8.onnx``), calibrated on DATA/val (model/quantize.py); without ``--output`` it only does that,
+for the serving checkpoint given as ``--checkpoint``, which is left as it is.
 """
 
 import argparse
@@ -20,7 +23,8 @@ def get_args_parser():
     """Command-line options of the export script."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by scripts/train.py")
-    parser.add_argument("--output", required=True, help="serving checkpoint to write, e.g. models/default.pt")
+    parser.add_argument("--output", default=None,
+                        help="serving checkpoint to write, e.g. models/default.pt (may be left out with --int8 alone)")
     parser.add_argument("--half", action="store_true", help="store weights as float16 (half the size; loads as float32)")
     parser.add_argument("--model-version", default=None, help="version string shown by the app (default: created_at)")
     parser.add_argument("--calibrate", metavar="DATA", default=None,
@@ -39,6 +43,11 @@ def get_args_parser():
     parser.add_argument("--onnx", metavar="PATH", default=None,
                         help="also write the network as ONNX (input 'images'; outputs 'logits' and the last block's "
                              "'features'), for runtimes without PyTorch")
+    parser.add_argument("--int8", metavar="DATA", default=None,
+                        help="dataset root: also write the int8 fast path (OUTPUT's name with .int8.onnx), its "
+                             "activation ranges calibrated on DATA/val films")
+    parser.add_argument("--int8-films", type=int, default=None,
+                        help="val films to calibrate the int8 fast path on (default 300, the same number per class)")
     return parser
 
 
@@ -47,6 +56,13 @@ def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from model.checkpoint import load_checkpoint, save_checkpoint, to_serving
     from model.inference import file_sha256
+
+    if args.output is None:
+        if not args.int8:
+            sys.exit("error: give --output (the serving checkpoint to write), or --int8 DATA alone to quantize "
+                     "--checkpoint")
+        write_int8(args.checkpoint, args.int8, films=args.int8_films)
+        return
 
     try:
         checkpoint = load_checkpoint(args.checkpoint)
@@ -83,6 +99,29 @@ def main(args):
     print(f"wrote {path} ({size_mb:.1f} MiB, sha256 {file_sha256(path)})")
     if args.onnx:
         write_onnx(serving, args.onnx)
+    if args.int8:
+        write_int8(path, args.int8, films=args.int8_films)
+
+
+def write_int8(checkpoint_path, data, *, films=None):
+    """Quantize a serving checkpoint into its int8 fast-path file; refuse one whose answers drift from float32."""
+    from model.inference import Predictor, file_sha256
+    from model.quantize import CALIBRATION_FILMS, MAX_PROBABILITY_DIFFERENCE, fast_path_path, quantize_checkpoint
+
+    output = fast_path_path(checkpoint_path)
+    try:
+        predictor = Predictor.from_path(checkpoint_path, backend="eager")
+        report = quantize_checkpoint(predictor, Path(data) / "val", output, limit=films or CALIBRATION_FILMS,
+                                     checkpoint_sha256=file_sha256(checkpoint_path))
+    except CovidScanError as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps(report, indent=2))
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, sha256 {file_sha256(output)})")
+    if report["max_probability_difference"] > MAX_PROBABILITY_DIFFERENCE or report["top1_agreement"] < 0.99:
+        output.unlink()
+        sys.exit(f"error: the int8 file's answers on the calibration films drift from float32 (top-1 agreement "
+                 f"{report['top1_agreement']:.3f}, largest probability difference "
+                 f"{report['max_probability_difference']:.3f} > {MAX_PROBABILITY_DIFFERENCE}); removed {output}")
 
 
 def write_onnx(checkpoint, path):

@@ -158,6 +158,19 @@ def tiny_checkpoint_path(tmp_path_factory):
     return save_checkpoint(checkpoint, tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
+@pytest.fixture(scope="session")
+def tiny_int8_checkpoint_path(tiny_checkpoint_path, image_folder, tmp_path_factory):
+    """A copy of the tiny checkpoint with its int8 fast-path file beside it, written by scripts/export.py --int8."""
+    import shutil
+
+    from scripts.export import get_args_parser, main
+
+    path = tmp_path_factory.mktemp("fast") / "tiny.pt"
+    shutil.copyfile(tiny_checkpoint_path, path)
+    main(get_args_parser().parse_args(["--checkpoint", str(path), "--int8", str(image_folder), "--int8-films", "12"]))
+    return path
+
+
 @pytest.fixture
 def app(tiny_checkpoint_path):
     """The Flask app in testing mode around the tiny checkpoint (CSRF off unless a test turns it on)."""

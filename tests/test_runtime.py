@@ -9,16 +9,20 @@ from conftest import make_xray_array
 from model import runtime
 from model.errors import CovidScanError
 
-TOLERANCE = {"bf16": 0.1}  # bfloat16 keeps 8 bits of mantissa: only checked loosely on random weights
+# bfloat16 keeps 8 bits of mantissa and int8 256 levels: on random weights both are only checked loosely here
+# (the shipped model's int8 file is held to 0.03 by tests/test_shipped_model.py and benchmarks/bench_fast_path.py)
+TOLERANCE = {"bf16": 0.1, "int8": 0.1}
 DEFAULT_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def predictors(tiny_checkpoint_path):
+def predictors(tiny_checkpoint_path, tiny_int8_checkpoint_path):
     """One Predictor per backend around the tiny checkpoint (built once: the ONNX export takes seconds)."""
     from model.inference import Predictor
 
-    return {name: Predictor.from_path(tiny_checkpoint_path, backend=name) for name in runtime.BACKENDS}
+    return {name: Predictor.from_path(tiny_int8_checkpoint_path if name == "int8" else tiny_checkpoint_path,
+                                      backend=name)
+            for name in runtime.BACKENDS}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,7 @@ def test_activations_are_the_last_block_that_feeds_the_head(predictors, batch, n
     logits, activations = predictor.forward(batch)
     with torch.inference_mode():
         rebuilt = predictor.network.fc(activations.mean(dim=(2, 3)))
-    tolerance = 0.05 if name == "bf16" else 1e-4
+    tolerance = 0.05 if name in TOLERANCE else 1e-4
     assert torch.allclose(rebuilt, logits, atol=tolerance * max(1.0, float(logits.abs().max())))
 
 
@@ -94,11 +98,11 @@ def test_predict_bytes_gives_label_heatmap_and_ood_with_every_backend(predictors
     monkeypatch.setattr(predictors["eager"], "ood_statistics", statistics)
     prediction = predictor.predict_bytes(xray_png, with_heatmap=True)
     reference = predictors["eager"].predict_bytes(xray_png, with_heatmap=False)
-    assert prediction.label == reference.label or name == "bf16"
+    assert prediction.label == reference.label or name in TOLERANCE
     assert prediction.heatmap is not None and prediction.heatmap.size == (256, 256)
     assert prediction.ood["flagged"] is False
     relative = abs(prediction.ood["score"] - reference.ood["score"]) / max(1.0, reference.ood["score"])
-    assert relative < (0.1 if name == "bf16" else 1e-3)
+    assert relative < (0.1 if name in TOLERANCE else 1e-3)
 
 
 def test_default_backend_is_measured_one_and_environment_can_force_eager(tiny_checkpoint_path, monkeypatch):
