@@ -158,3 +158,76 @@ def test_shipped_model_flags_at_most_2_of_50_real_test_xrays(shipped_client):
         if response.get_json()["ood"]["flagged"]:
             flagged.append(path.name)
     assert len(flagged) <= 2, flagged
+
+
+SHIPPED_FAST_PATH = REPO_ROOT / "models" / "default.int8.onnx"
+
+
+def _skip_without_int8_instructions():
+    from model.runtime import cpu_int8_support
+
+    supported, reason = cpu_int8_support()
+    if not supported:
+        pytest.skip(f"the int8 fast path is not the default here: {reason}")
+
+
+def test_shipped_fast_path_belongs_to_the_shipped_model():
+    """models/default.int8.onnx was quantized from models/default.pt as committed (a retrain must re-export it)."""
+    from model.inference import file_sha256
+    from model.quantize import fast_path_path, read_fast_path_metadata
+
+    assert fast_path_path(SHIPPED_MODEL) == SHIPPED_FAST_PATH
+    metadata = read_fast_path_metadata(SHIPPED_FAST_PATH)
+    assert metadata["checkpoint_sha256"] == file_sha256(SHIPPED_MODEL)
+    assert metadata["model_version"] == torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)["model_version"]
+    agreement = json.loads(metadata["calibration_agreement"])
+    assert agreement["check_films_held_out"] and agreement["max_probability_difference"] <= 0.03
+    assert SHIPPED_FAST_PATH.stat().st_size <= 80 * 2**20
+
+
+@functools.cache
+def _shipped_predictor(backend):
+    from model.inference import Predictor
+
+    return Predictor.from_path(SHIPPED_MODEL, backend=backend)
+
+
+@pytest.mark.slow
+def test_shipped_fast_path_flags_what_float32_flags():
+    """Every non-X-ray upload is flagged on both paths (the OOD verdict survives quantization)."""
+    _skip_without_int8_instructions()
+    for name, upload in _not_chest_xrays().items():
+        for backend in ("onnx", "int8"):
+            assert _shipped_predictor(backend).predict_bytes(upload, with_heatmap=False).ood["flagged"], (name, backend)
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.slow
+def test_shipped_fast_path_answers_like_float32_on_real_films():
+    """60 seeded test films: same class, probabilities within 0.03, OOD verdicts alike, heatmaps alike."""
+    from model.cam import class_activation_maps
+    from model.decode import decode_upload
+
+    _skip_without_int8_instructions()
+    rng = random.Random(35)
+    paths = rng.sample(sorted(path for path in (SHARED_DATA / "test").rglob("*") if path.is_file()), 60)
+    reference, fast = _shipped_predictor("onnx"), _shipped_predictor("int8")
+    batch = torch.cat([reference.preprocess(decode_upload(path.read_bytes()).image) for path in paths])
+    (logits, features), (fast_logits, fast_features) = reference.forward(batch), fast.forward(batch)
+    expected, answer = reference.probabilities_from_logits(logits), fast.probabilities_from_logits(fast_logits)
+    assert torch.equal(expected.argmax(1), answer.argmax(1))
+    assert (expected - answer).abs().max() <= 0.03
+    # OOD: int8 activations score ~1 % higher on average (2 % at most here), so a film can only change verdict when
+    # its float32 score lies within 3 % of the threshold; everywhere else the verdicts are the same.
+    verdicts = [predictor.ood_check(activations) for predictor, activations in ((reference, features),
+                                                                                 (fast, fast_features))]
+    threshold = verdicts[0][0]["threshold"]
+    for expected_verdict, verdict in zip(*verdicts):
+        assert abs(verdict["score"] - expected_verdict["score"]) <= 0.03 * expected_verdict["score"]
+        if verdict["flagged"] != expected_verdict["flagged"]:
+            assert abs(expected_verdict["score"] - threshold) <= 0.03 * threshold, (expected_verdict, verdict)
+    classes = expected.argmax(1)
+    cams = [torch.from_numpy(class_activation_maps(activations, reference.network.fc.weight, classes)).flatten(1)
+            for activations in (features, fast_features)]
+    correlations = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(*cams)]
+    assert min(correlations) > 0.9, min(correlations)
