@@ -159,14 +159,8 @@ def fit_grid_statistics(predictor, data_root, grids, sizes, *, train_limit=None,
     }
 
 
-def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
-    """AUROC of each score for real test X-rays against each OOD set, and the flag rates at the threshold.
-
-    ``compare`` maps a label to other fitted Mahalanobis statistics (e.g. ``fit_grid_statistics``) to report
-    their AUROC and flag rate beside the checkpoint's own.
-    """
-    if not predictor.ood_statistics:
-        raise InvalidImageError("this checkpoint has no OOD statistics; re-export it with --calibrate")
+def ood_sets(test_dir, *, limit=300, seed=0):
+    """``(real, sets)``: up to ``limit`` decoded real test X-rays, and each OOD set's decoded images by name."""
     rng = random.Random(seed)
     paths = sorted(p for p in Path(test_dir).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     paths = rng.sample(paths, min(limit, len(paths)))
@@ -179,6 +173,40 @@ def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
         "X-rays rotated 90°": transformed_xrays(paths[:60], "rotate90"),
         "X-rays inverted": transformed_xrays(paths[:60], "invert"),
     }
+    return real, sets
+
+
+def compare_ood_verdicts(reference, candidate, test_dir, *, limit=300, seed=0):
+    """Per set (the real X-rays included): how many images each predictor flags, and on how many they disagree.
+
+    For checking that a faster backend (``candidate``) keeps the OOD verdicts of float32 (``reference``).
+    """
+    real, sets = ood_sets(test_dir, limit=limit, seed=seed)
+    report = {}
+    for name, decoded_images in {"real test X-rays": real, **sets}.items():
+        input_reasons = [input_check_reasons(decoded) for decoded in decoded_images]
+        verdicts = {}
+        for label, predictor in (("reference", reference), ("candidate", candidate)):
+            _, activations = forward_images(predictor, [decoded.image for decoded in decoded_images])
+            verdicts[label] = [verdict["flagged"] for verdict in predictor.ood_check(activations, input_reasons)]
+        report[name] = {
+            "n": len(decoded_images),
+            "flagged_reference": int(sum(verdicts["reference"])),
+            "flagged_candidate": int(sum(verdicts["candidate"])),
+            "differ": int(sum(a != b for a, b in zip(verdicts["reference"], verdicts["candidate"]))),
+        }
+    return report
+
+
+def evaluate_ood(predictor, test_dir, *, limit=300, seed=0, compare=None):
+    """AUROC of each score for real test X-rays against each OOD set, and the flag rates at the threshold.
+
+    ``compare`` maps a label to other fitted Mahalanobis statistics (e.g. ``fit_grid_statistics``) to report
+    their AUROC and flag rate beside the checkpoint's own.
+    """
+    if not predictor.ood_statistics:
+        raise InvalidImageError("this checkpoint has no OOD statistics; re-export it with --calibrate")
+    real, sets = ood_sets(test_dir, limit=limit, seed=seed)
     compare = compare or {}
     threshold = float(predictor.ood_statistics["threshold"])
 

@@ -43,3 +43,22 @@ def test_ood_evaluation_reports_every_set(tiny_checkpoint_path, image_folder, tm
     assert photos["flag_rate"] >= photos["input_check_rate"]
     assert report["compare"]["2x2 pool, 6 components"]["grid"] == 2
     assert "AUROC" in stdout and "2x2 pool, 6 components" in stdout
+
+
+@pytest.mark.slow  # research: builds the six OOD sets
+def test_compare_ood_verdicts_counts_every_set_and_finds_a_difference(tiny_checkpoint_path, image_folder):
+    """Two predictors with the same statistics agree everywhere; a lower threshold on one shows up as differences."""
+    from model.inference import Predictor
+    from research.ood_evaluation import compare_ood_verdicts
+
+    reference = Predictor.from_path(tiny_checkpoint_path, backend="eager")
+    candidate = Predictor.from_path(tiny_checkpoint_path, backend="onnx")
+    statistics = fit_mahalanobis(np.random.default_rng(0).normal(size=(60, 512)), np.arange(60) % 3, components=8)
+    reference.ood_statistics = {**statistics, "threshold": 1e9}
+    candidate.ood_statistics = {**statistics, "threshold": 1e9}
+    report = compare_ood_verdicts(reference, candidate, image_folder / "test", limit=12)
+    assert len(report) == 7 and report["real test X-rays"]["n"] == 12
+    assert all(row["differ"] == 0 and row["flagged_reference"] == row["flagged_candidate"] for row in report.values())
+    candidate.ood_statistics = {**statistics, "threshold": -1.0}  # flags everything
+    report = compare_ood_verdicts(reference, candidate, image_folder / "test", limit=12)
+    assert report["real test X-rays"]["differ"] == 12 - report["real test X-rays"]["flagged_reference"] > 0
