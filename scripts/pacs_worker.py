@@ -41,6 +41,9 @@ def get_args_parser():
     parser.add_argument("--database-url", default=None,
                         help="results store (default: COVIDSCAN_DATABASE_URL, else SQLite in the instance folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass")
+    parser.add_argument("--backend", default=None,
+                        help="inference backend (default: COVIDSCAN_INFERENCE_BACKEND, else the int8 fast path beside "
+                             "the model when this CPU runs it, else float32 ONNX)")
     parser.add_argument("--log-level", default=os.environ.get(f"{ENV_PREFIX}_LOG_LEVEL", "INFO"))
     return parser
 
@@ -60,7 +63,7 @@ def main(args):
 
     import torch
 
-    from model.errors import CheckpointError
+    from model.errors import CovidScanError
     from model.inference import Predictor
     from pacs.dicomweb import PacsClient, PacsUnavailable
     from pacs.worker import Worker
@@ -77,8 +80,8 @@ def main(args):
     except StoreError as error:
         sys.exit(f"error: {error}")
     try:
-        predictor = Predictor.from_path(model_path)
-    except (CheckpointError, OSError) as error:
+        predictor = Predictor.from_path(model_path, backend=args.backend)
+    except (CovidScanError, OSError) as error:
         sys.exit(f"error: cannot load the model {model_path}: {error}")
     info = predictor.model_info
     logger.info("model %s %s (%s backend); store %s; write-back %s", info["name"], info["version"],

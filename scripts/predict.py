@@ -35,7 +35,8 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (0 decodes in the main process)")
     parser.add_argument("--backend", default=None,
-                        help="inference backend (default: COVIDSCAN_INFERENCE_BACKEND, else the measured default)")
+                        help="inference backend (default: COVIDSCAN_INFERENCE_BACKEND, else the int8 fast path beside the "
+                             "checkpoint when this CPU runs it, else float32 ONNX; 'onnx' forces float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
