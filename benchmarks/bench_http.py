@@ -181,6 +181,14 @@ class GunicornServer:
 
     def post(self, upload):
         """One multipart POST of the upload; returns seconds. Raises on a non-200 answer."""
+        return self._post(upload)[0]
+
+    def post_json(self, upload):
+        """One multipart POST of the upload; returns the JSON answer."""
+        return json.loads(self._post(upload)[1])
+
+    def _post(self, upload):
+        """(seconds, body) of one multipart POST; raises on a non-200 answer."""
         boundary = uuid.uuid4().hex
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"upload.jpg\"\r\n"
                 f"Content-Type: image/jpeg\r\n\r\n").encode() + upload + f"\r\n--{boundary}--\r\n".encode()
@@ -196,7 +204,7 @@ class GunicornServer:
         elapsed = time.perf_counter() - start
         if response.status != 200:
             raise RuntimeError(f"POST /api/v1/predict answered {response.status}: {answer[:200]!r}")
-        return elapsed
+        return elapsed, answer
 
     def memory(self):
         """Resident, unique and proportional memory (MiB) of the master and each worker."""

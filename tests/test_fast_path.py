@@ -167,3 +167,21 @@ def test_cpu_int8_support_reads_the_cpu_flags(tmp_path, text, expected):
 def test_cpu_int8_support_without_cpuinfo_says_so(tmp_path):
     supported, reason = runtime.cpu_int8_support(str(tmp_path / "missing"))
     assert supported is False and "cannot read" in reason
+
+
+def test_the_benchmark_counts_resnet_multiply_accumulates_as_published():
+    """torchvision's model cards give 1.81 GFLOPS (multiply-accumulates) for resnet18 and 11.51 for resnet152."""
+    import sys
+
+    from conftest import REPO_ROOT
+    from model.network import build_model
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import bench_fast_path
+
+    assert bench_fast_path.multiply_accumulates(build_model("resnet18", num_classes=1000), 224) / 1e9 == \
+        pytest.approx(1.81, abs=0.01)
+    peaks = bench_fast_path.nominal_peaks({"cores": 2, "mhz": 2500.0, "avx512f": True, "vendor": "AuthenticAMD"})
+    assert peaks["fp32"] == pytest.approx(80.0) and peaks["int8"] == pytest.approx(320.0)
+    assert bench_fast_path.nominal_peaks({"cores": 2, "mhz": 2500.0, "avx512f": True,
+                                          "vendor": "GenuineIntel"})["fp32"] == pytest.approx(160.0)
