@@ -93,36 +93,38 @@ def test_onnx_by_name_stays_float32_for_comparison(tiny_int8_checkpoint_path, wi
     assert predictor.backend == "onnx"
 
 
-def test_no_file_means_float32_onnx(tiny_checkpoint_path, with_int8_cpu, caplog):
-    with caplog.at_level(logging.INFO, logger="model.runtime"):
-        assert Predictor.from_path(tiny_checkpoint_path).backend == "onnx"
-    assert "there is no int8 file at" in caplog.text
-    with pytest.raises(runtime.BackendError, match="'int8' was asked for, but there is no int8 file"):
-        Predictor.from_path(tiny_checkpoint_path, backend="int8")
+def _no_file(source, folder):
+    shutil.copyfile(source, folder / "tiny.pt")
 
 
-def test_a_file_left_from_another_checkpoint_is_never_run(tiny_int8_checkpoint_path, tmp_path, with_int8_cpu, caplog):
-    """A retrained checkpoint copied over the old one, beside the old int8 file: float32, with the reason."""
+def _file_of_another_checkpoint(source, folder):
+    """A retrained checkpoint copied over the old one, beside the old int8 file."""
     from model.checkpoint import load_checkpoint, save_checkpoint
 
-    checkpoint = load_checkpoint(tiny_int8_checkpoint_path)
+    checkpoint = load_checkpoint(source)
     checkpoint["model_version"] = "test-2"
-    path = save_checkpoint(checkpoint, tmp_path / "tiny.pt")
-    shutil.copyfile(fast_path_path(tiny_int8_checkpoint_path), fast_path_path(path))
-    with caplog.at_level(logging.INFO, logger="model.runtime"):
-        assert Predictor.from_path(path).backend == "onnx"
-    assert "was made from another checkpoint" in caplog.text
-    with pytest.raises(runtime.BackendError, match="made from another checkpoint"):
-        Predictor.from_path(path, backend="int8")
+    save_checkpoint(checkpoint, folder / "tiny.pt")
+    shutil.copyfile(fast_path_path(source), fast_path_path(folder / "tiny.pt"))
 
 
-def test_a_damaged_file_falls_back_to_float32(tiny_int8_checkpoint_path, tmp_path, with_int8_cpu, caplog):
-    path = tmp_path / "tiny.pt"
-    shutil.copyfile(tiny_int8_checkpoint_path, path)
-    fast_path_path(path).write_bytes(b"\x00not an onnx model" * 10)
+def _damaged_file(source, folder):
+    shutil.copyfile(source, folder / "tiny.pt")
+    fast_path_path(folder / "tiny.pt").write_bytes(b"\x00not an onnx model" * 10)
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (_no_file, "there is no int8 file at"),
+    (_file_of_another_checkpoint, "was made from another checkpoint"),
+    (_damaged_file, "cannot be read"),
+])
+def test_without_a_file_made_from_this_checkpoint_float32_runs_and_says_why(
+        tiny_int8_checkpoint_path, tmp_path, with_int8_cpu, caplog, make, reason):
+    make(tiny_int8_checkpoint_path, tmp_path)
     with caplog.at_level(logging.INFO, logger="model.runtime"):
-        assert Predictor.from_path(path).backend == "onnx"
-    assert "cannot be read" in caplog.text
+        assert Predictor.from_path(tmp_path / "tiny.pt").backend == "onnx"
+    assert reason in caplog.text
+    with pytest.raises(runtime.BackendError, match=f"'int8' was asked for, but .*{reason}"):
+        Predictor.from_path(tmp_path / "tiny.pt", backend="int8")
 
 
 def test_a_fast_path_that_fails_to_build_falls_back_with_a_warning(tiny_int8_checkpoint_path, with_int8_cpu,
