@@ -46,9 +46,10 @@ pacs-demo: $(BIN)/.runtime pacs-deps
 test: $(BIN)/.dev browser nginx pacs-deps
 	$(BIN)/python -m pytest
 
-## test-fast: everything except slow tests (servers, browsers, databases, end-to-end training runs); research/tests too
+## test-fast: everything except slow tests (servers, browsers, databases, end-to-end training runs); research/tests too,
+## spread over every core by pytest-xdist, each test process with one OpenMP thread so that they do not oversubscribe
 test-fast: $(BIN)/.dev
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)
