@@ -13,6 +13,7 @@ from model.errors import CheckpointError
 from model.inference import Predictor, file_sha256
 from model.log_guard import install_log_guard
 from model.references import verify_references
+from model.runtime import BackendError
 
 csrf = CSRFProtect()
 
@@ -103,11 +104,17 @@ def load_predictor(app):
             f"CovidScan cannot start: {error}. Point {ENV_PREFIX}_MODEL_PATH (now {path}) at a checkpoint written "
             "by scripts/export.py (or scripts/train.py)."
         ) from error
+    except BackendError as error:
+        raise RuntimeError(
+            f"CovidScan cannot start: {error}. Unset {ENV_PREFIX}_INFERENCE_BACKEND to let CovidScan choose, or set "
+            "it to one that runs here (docs/model/fast-path.md)."
+        ) from error
     info = predictor.model_info
     app.logger.info(
         "Loaded model %s version %s (%s; classes %s) from %s, sha256 %s",
         info["name"], info["version"], info["arch"], ", ".join(info["classes"]), path, predictor.sha256,
     )
+    app.logger.info("Inference backend %s", predictor.backend_description)
     return predictor
 
 

@@ -60,6 +60,7 @@ class Predictor:
         # checkpoint when there is one (model/quantize.py) / float32 ONNX.
         self.runtime = build_runtime_for_predictor(self, backend, cache_key=sha256)
         self.backend = self.runtime.name
+        self.backend_description = self.runtime.description or self.backend  # which one runs and why, for logs
 
     @classmethod
     def from_path(cls, path, *, device="cpu", backend=None):

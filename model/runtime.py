@@ -121,7 +121,7 @@ def fast_path_file(checkpoint_path, sha256):
 
 
 def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
-    """The runtime a ``Predictor`` uses, with which one and why logged.
+    """The runtime a ``Predictor`` uses, with which one and why logged and kept as its ``description``.
 
     An explicitly requested backend must build (``int8`` needs a file made from this checkpoint). With none, the
     CPU runs the int8 fast path when that file is there and the CPU has int8 dot products, else float32 ONNX; a
@@ -133,36 +133,43 @@ def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
     example_input = torch.zeros(1, params["channels"], params["crop_size"], params["crop_size"])
     build = functools.partial(build_runtime, predictor.network, example_input=example_input, device=predictor.device,
                               cache_key=cache_key)
+
+    def chosen(runtime, description):
+        runtime.description = description
+        logger.info("inference backend %s", description)
+        return runtime
+
     if name == FAST_BACKEND:
         path, reason = fast_path_file(predictor.checkpoint_path, predictor.sha256)
         if path is None:
             raise BackendError(f"inference backend {FAST_BACKEND!r} was asked for, but {reason}")
-        logger.info("inference backend %s, as asked (%s)", FAST_BACKEND, path)
-        return build(FAST_BACKEND, model_path=path)
+        return chosen(build(FAST_BACKEND, model_path=path), f"{FAST_BACKEND}, as asked ({path})")
+    why_not_fast = None
     if requested == "auto" and name == DEFAULT_BACKEND:
-        path, reason = fast_path_file(predictor.checkpoint_path, predictor.sha256)
+        path, why_not_fast = fast_path_file(predictor.checkpoint_path, predictor.sha256)
         supported, flag = cpu_int8_support()
         if path is not None and supported:
             try:
                 runtime = build(FAST_BACKEND, model_path=path)
             except BackendError as error:
                 logger.warning("%s; using float32 ONNX instead", error)
+                why_not_fast = f"it failed to build ({error})"
             else:
-                logger.info("inference backend %s, the fast path (%s; this CPU has %s)", FAST_BACKEND, path, flag)
-                return runtime
-        else:
-            logger.info("inference backend %s (float32), not the int8 fast path: %s", DEFAULT_BACKEND,
-                        reason if path is None else flag)
+                return chosen(runtime, f"{FAST_BACKEND}, the fast path ({path}; this CPU has {flag})")
+        elif path is not None:
+            why_not_fast = flag
     try:
         runtime = build(name)
     except BackendError as error:
         if requested != "auto" or name == "eager":
             raise
         logger.warning("%s; using the eager backend instead", error)
-        return build("eager")
+        return chosen(build("eager"), "eager (the default could not be built)")
     if requested != "auto":
-        logger.info("inference backend %s, as asked", name)
-    return runtime
+        return chosen(runtime, f"{name}, as asked")
+    if why_not_fast:
+        return chosen(runtime, f"{name} (float32), not the int8 fast path: {why_not_fast}")
+    return chosen(runtime, f"{name}, the default on {predictor.device}")
 
 
 def build_runtime(network, backend, *, example_input, device="cpu", cache_key=None, model_path=None):
@@ -203,6 +210,7 @@ class Runtime:
     """What every runtime offers: ``name``, ``__call__(batch) -> (logits, activations)`` and ``prepare()``."""
 
     name = None
+    description = None  # which backend runs and why, set by build_runtime_for_predictor
 
     def prepare(self):
         """Per-process set-up after a fork; torch runtimes need none."""

@@ -187,3 +187,24 @@ def test_the_benchmark_counts_resnet_multiply_accumulates_as_published():
     assert peaks["fp32"] == pytest.approx(80.0) and peaks["int8"] == pytest.approx(320.0)
     assert bench_fast_path.nominal_peaks({"cores": 2, "mhz": 2500.0, "avx512f": True,
                                           "vendor": "GenuineIntel"})["fp32"] == pytest.approx(160.0)
+
+
+def test_the_app_logs_which_path_serves_and_why(tiny_int8_checkpoint_path, with_int8_cpu, caplog):
+    from app import create_app
+
+    with caplog.at_level(logging.INFO):
+        app = create_app({"TESTING": True, "SECRET_KEY": "test", "MODEL_PATH": str(tiny_int8_checkpoint_path)})
+    assert app.extensions["predictor"].backend == "int8"
+    lines = [record.getMessage() for record in caplog.records if record.name == app.logger.name]
+    backend = [line for line in lines if line.startswith("Inference backend")]
+    assert len(backend) == 1 and backend[0].startswith("Inference backend int8, the fast path (")
+    assert "this CPU has avx512_vnni" in backend[0]
+
+
+def test_the_app_refuses_to_start_on_a_fast_path_it_cannot_run(tiny_checkpoint_path, monkeypatch):
+    from app import create_app
+
+    monkeypatch.setenv(runtime.BACKEND_ENVIRONMENT_VARIABLE, "int8")
+    with pytest.raises(RuntimeError, match="CovidScan cannot start: inference backend 'int8' was asked for, but there "
+                                           "is no int8 file at .*Unset COVIDSCAN_INFERENCE_BACKEND"):
+        create_app({"TESTING": True, "SECRET_KEY": "test", "MODEL_PATH": str(tiny_checkpoint_path)})
