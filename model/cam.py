@@ -1,5 +1,6 @@
 """Class activation maps (Zhou et al. 2016): last conv block weighted by the linear head, no backward pass."""
 
+import functools
 import io
 
 import matplotlib
@@ -80,15 +81,32 @@ def heatmap_layer(heat, *, threshold=HEATMAP_THRESHOLD, colormap=HEATMAP_COLORMA
     opacity rises from 0 to 1 over ``HEATMAP_EDGE`` above the threshold, so the drawn regions have soft edges.
     """
     heat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
-    colors = matplotlib.colormaps[colormap](heat)[..., :3]
+    table = _colour_table(colormap)
+    # matplotlib's own lookup of a 0..1 value, min(int(value * N), N - 1), by index into the uint8 table: the same
+    # colours as calling the colour map, without its float64 RGBA array of the whole film.
+    index = np.minimum((heat * len(table)).astype(np.intp), len(table) - 1)
     opacity = np.clip((heat - threshold) / HEATMAP_EDGE, 0.0, 1.0)
-    rgba = np.concatenate([colors, opacity[..., None]], axis=-1)
-    return Image.fromarray(np.uint8(np.round(rgba * 255)), mode="RGBA")
+    rgba = np.empty(heat.shape + (4,), dtype=np.uint8)
+    rgba[..., :3] = table[index]
+    rgba[..., 3] = np.round(opacity.astype(np.float64) * 255)
+    return Image.fromarray(rgba, mode="RGBA")
 
 
-def overlay_heatmap(image, heat, *, alpha=0.6, threshold=HEATMAP_THRESHOLD, colormap=HEATMAP_COLORMAP):
-    """The ``heatmap_layer`` of a 0..1 heat array laid over a grayscale image at ``alpha``; return an RGB image."""
-    layer = np.asarray(heatmap_layer(heat, threshold=threshold, colormap=colormap), dtype=np.float32) / 255.0
+@functools.cache
+def _colour_table(colormap):
+    """A matplotlib colour map's N colours as uint8 RGB, rounded as ``np.round(colour * 255)``."""
+    cmap = matplotlib.colormaps[colormap]
+    return np.uint8(np.round(cmap(np.arange(cmap.N))[:, :3] * 255))
+
+
+def overlay_heatmap(image, heat, *, alpha=0.6, threshold=HEATMAP_THRESHOLD, colormap=HEATMAP_COLORMAP, layer=None):
+    """The ``heatmap_layer`` of a 0..1 heat array laid over a grayscale image at ``alpha``; return an RGB image.
+
+    ``layer``: that layer when the caller has it already.
+    """
+    if layer is None:
+        layer = heatmap_layer(heat, threshold=threshold, colormap=colormap)
+    layer = np.asarray(layer, dtype=np.float32) / 255.0
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     weight = alpha * layer[..., 3:]
     blended = base * (1 - weight) + layer[..., :3] * weight

@@ -121,8 +121,8 @@ class Predictor:
             cam = class_activation_maps(activations, self.network.fc.weight, torch.tensor([index]))[0]
             display = _display_copy(image)
             heat = cam_to_image_space(cam, self.transform_params, display.size, content_box=box)
-            heatmap = overlay_heatmap(display, heat)
             layer = heatmap_layer(heat)
+            heatmap = overlay_heatmap(display, heat, layer=layer)
             share = thorax_share(heat, content_box=box)
             left, top, right, bottom = thorax_box_in_pixels(display.size, box)
             thorax = (left / display.width, top / display.height, right / display.width, bottom / display.height)

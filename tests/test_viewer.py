@@ -351,3 +351,18 @@ def test_prediction_carries_film_layer_and_thorax_share(app):
     assert 0 <= left < right <= 1 and 0 <= top < bottom <= 1
     bare = app.extensions["predictor"].predict_bytes(encode(image), with_heatmap=False)
     assert bare.film is None and bare.heatmap_layer is None and bare.thorax_share is None
+
+
+def test_heatmap_layer_colours_are_the_colour_maps_own():
+    """The uint8 lookup table gives exactly what calling matplotlib's colour map gives, bin edges and 0 and 1 included."""
+    import matplotlib
+
+    from model.cam import HEATMAP_COLORMAP, HEATMAP_EDGE
+
+    rng = np.random.default_rng(3)
+    heat = np.concatenate([rng.random(5000, dtype=np.float32), np.arange(257, dtype=np.float32) / 256,
+                           np.array([0.0, 1.0, HEATMAP_THRESHOLD, np.nextafter(1.0, 0.0)], dtype=np.float32)])[None, :]
+    colours = matplotlib.colormaps[HEATMAP_COLORMAP](heat)[..., :3]
+    opacity = np.clip((heat - HEATMAP_THRESHOLD) / HEATMAP_EDGE, 0.0, 1.0)
+    expected = np.uint8(np.round(np.concatenate([colours, opacity[..., None]], axis=-1) * 255))
+    assert np.array_equal(np.asarray(heatmap_layer(heat)), expected)
