@@ -10,10 +10,9 @@ from flask_wtf.csrf import CSRFProtect
 
 from app.config import ENV_PREFIX, HSTS_HEADER, REPO_ROOT, SECURITY_HEADERS, load_config, model_missing_hint
 from model.errors import CheckpointError
-from model.inference import Predictor, file_sha256
 from model.log_guard import install_log_guard
-from model.references import verify_references
 from model.runtime import BackendError
+from model.startup import load_checked_predictor
 
 csrf = CSRFProtect()
 
@@ -86,19 +85,10 @@ def load_predictor(app):
         ) from error
     if not is_file:
         raise RuntimeError(f"CovidScan cannot start: no model checkpoint at {path}. {model_missing_hint(path)}")
-    pinned = app.config["MODEL_SHA256"]
-    if pinned:
-        actual = file_sha256(path)
-        if actual != pinned:
-            raise RuntimeError(
-                f"CovidScan cannot start: the model checkpoint {path} has SHA-256 {actual}, but "
-                f"{ENV_PREFIX}_MODEL_SHA256 pins {pinned}. The file is not the one this deployment was set up with; "
-                f"restore that file, or update {ENV_PREFIX}_MODEL_SHA256 after checking the new one."
-            )
     try:
-        predictor = Predictor.from_path(path, device=app.config["DEVICE"])
-        check_class_names(predictor.class_names, app.config["ALLOWED_CLASS_NAMES"])
-        verify_references(predictor)
+        predictor = load_checked_predictor(path, pinned_sha256=app.config["MODEL_SHA256"],
+                                           allowed_class_names=app.config["ALLOWED_CLASS_NAMES"],
+                                           device=app.config["DEVICE"])
     except CheckpointError as error:
         raise RuntimeError(
             f"CovidScan cannot start: {error}. Point {ENV_PREFIX}_MODEL_PATH (now {path}) at a checkpoint written "
@@ -116,17 +106,6 @@ def load_predictor(app):
     )
     app.logger.info("Inference backend %s", predictor.backend_description)
     return predictor
-
-
-def check_class_names(class_names, allowed):
-    """``CheckpointError`` unless the checkpoint's class names are exactly ``allowed``, in that order."""
-    if tuple(class_names) != tuple(allowed):
-        raise CheckpointError(
-            f"the checkpoint's class names are [{', '.join(class_names)}], but this server serves exactly "
-            f"[{', '.join(allowed)}] in that order (a different order would put the wrong label on every answer); "
-            f"for a model retrained on other classes set {ENV_PREFIX}_ALLOWED_CLASS_NAMES="
-            f"{','.join(class_names)}"
-        )
 
 
 def get_predictor():

@@ -2,19 +2,18 @@
 
 import logging
 import os
-import re
 import secrets
 from pathlib import Path
 
 from limits import parse_many
+
+from model.startup import PRODUCT_CLASS_NAMES, SHA256_HEX, parse_class_names, parse_model_digest
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "COVIDSCAN"
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "default.pt"
-# The product's classes, in the order the shipped model outputs them; another list needs ALLOWED_CLASS_NAMES.
-PRODUCT_CLASS_NAMES = ("COVID", "NORMAL", "PNEUMONIA")
 
 # Sent on every response (docs/security.md).
 SECURITY_HEADERS = {
@@ -62,7 +61,6 @@ RAW_TEXT_SETTINGS = ("API_TOKEN_HASHES", "PROXY_USER_HEADER", "RATE_LIMIT", "RAT
 RAW_TEXT_SETTINGS += ("DATABASE_URL", "PACS_URL", "PACS_VIEWER_URL")  # URLs, never JSON
 OFF_VALUES = ("", "0", "off", "false", "no", "none")
 ON_VALUES = ("1", "on", "true", "yes")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def load_config(app, overrides=None):
@@ -84,8 +82,8 @@ def load_config(app, overrides=None):
     app.config["API_TOKEN_HASHES"] = _token_hashes(app.config["API_TOKEN_HASHES"])
     app.config["PROXY_USER_HEADER"] = str(app.config["PROXY_USER_HEADER"] or "").strip()
     app.config["RATE_LIMIT"] = _rate_limit(app.config["RATE_LIMIT"])
-    app.config["MODEL_SHA256"] = _model_digest(app.config["MODEL_SHA256"])
-    app.config["ALLOWED_CLASS_NAMES"] = _class_names(app.config["ALLOWED_CLASS_NAMES"])
+    app.config["MODEL_SHA256"] = parse_model_digest(app.config["MODEL_SHA256"])
+    app.config["ALLOWED_CLASS_NAMES"] = parse_class_names(app.config["ALLOWED_CLASS_NAMES"])
 
 
 def is_production(app):
@@ -179,29 +177,6 @@ def _token_hashes(value):
                 "`printf %s \"$TOKEN\" | sha256sum`."
             )
     return tuple(hashes)
-
-
-def _model_digest(value):
-    """``COVIDSCAN_MODEL_SHA256``: the SHA-256 hex digest the checkpoint file must have, or empty (not pinned)."""
-    digest = str(value or "").strip().lower()
-    if digest and not SHA256_HEX.match(digest):
-        raise RuntimeError(
-            f"{ENV_PREFIX}_MODEL_SHA256 must be the checkpoint's SHA-256 hex digest (64 hex digits, as printed by "
-            f"`sha256sum models/default.pt` or scripts/export.py); this one has {len(digest)} characters."
-        )
-    return digest
-
-
-def _class_names(value):
-    """``COVIDSCAN_ALLOWED_CLASS_NAMES``: the exact class list a checkpoint must have, comma-separated (or a list)."""
-    items = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
-    names = tuple(str(item).strip() for item in items if str(item).strip())
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise RuntimeError(
-            f"{ENV_PREFIX}_ALLOWED_CLASS_NAMES must list at least two distinct class names separated by commas, "
-            f"in the checkpoint's order, not {value!r}"
-        )
-    return names
 
 
 def _rate_limit(value):

@@ -1,7 +1,8 @@
 """PACS worker: triage every new chest X-ray of a DICOMweb PACS into the worklist, writing results back to the study.
 
-Reads COVIDSCAN_MODEL_PATH and COVIDSCAN_DATABASE_URL like the app; COVIDSCAN_PACS_WRITE_BACK=0 keeps the results
-out of the PACS. ``--once`` processes everything pending and exits; otherwise the worker runs until SIGTERM (or
+Reads COVIDSCAN_MODEL_PATH and COVIDSCAN_DATABASE_URL like the app, and checks the model as the app does
+(COVIDSCAN_MODEL_SHA256, COVIDSCAN_ALLOWED_CLASS_NAMES, the checkpoint's reference films) before it writes anything;
+COVIDSCAN_PACS_WRITE_BACK=0 keeps the results out of the PACS. ``--once`` processes everything pending and exits; otherwise the worker runs until SIGTERM (or
 Ctrl-C) and finishes the image in hand first. See docs/pacs.md.
 """
 
@@ -64,7 +65,7 @@ def main(args):
     import torch
 
     from model.errors import CovidScanError
-    from model.inference import Predictor
+    from model.startup import PRODUCT_CLASS_NAMES, load_checked_predictor, parse_class_names, parse_model_digest
     from pacs.dicomweb import PacsClient, PacsUnavailable
     from pacs.worker import Worker
     from store import default_database_url, open_store
@@ -80,12 +81,16 @@ def main(args):
     except StoreError as error:
         sys.exit(f"error: {error}")
     try:
-        predictor = Predictor.from_path(model_path, backend=args.backend)
-    except (CovidScanError, OSError) as error:
+        predictor = load_checked_predictor(
+            model_path, backend=args.backend,
+            pinned_sha256=parse_model_digest(os.environ.get(f"{ENV_PREFIX}_MODEL_SHA256", "")),
+            allowed_class_names=parse_class_names(os.environ.get(f"{ENV_PREFIX}_ALLOWED_CLASS_NAMES")
+                                                  or ",".join(PRODUCT_CLASS_NAMES)))
+    except (CovidScanError, RuntimeError, OSError) as error:
         sys.exit(f"error: cannot load the model {model_path}: {error}")
     info = predictor.model_info
-    logger.info("model %s %s (%s backend); store %s; write-back %s", info["name"], info["version"],
-                predictor.backend, store.describe(), "on" if write_back_enabled() else "off")
+    logger.info("model %s %s, inference backend %s; store %s; write-back %s", info["name"], info["version"],
+                predictor.backend_description, store.describe(), "on" if write_back_enabled() else "off")
 
     worker = Worker(PacsClient(args.pacs_url), store, predictor, feed=args.feed, write_back=write_back_enabled(),
                     lease_seconds=args.lease_seconds, poll_seconds=args.poll_seconds,

@@ -3,7 +3,6 @@
 import functools
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
