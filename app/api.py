@@ -19,7 +19,8 @@ TRUE_VALUES = ("1", "true", "yes", "on")
 
 @bp.post("/api/v1/predict")
 def predict():
-    """Multipart field ``file`` -> label, probabilities, model, timing, OOD verdict; ``?heatmap=1`` adds a PNG.
+    """Multipart field ``file`` -> label, probabilities, model, timing, OOD verdict; ``?heatmap=1`` adds a PNG and
+    the share of its heat inside the central thorax box (``thorax_share``, as the result page shows it).
 
     ``label`` is null when the OOD check flags the image; its probabilities and the verdict are still given.
     """
@@ -42,6 +43,7 @@ def predict():
     }
     if with_heatmap:
         answer["heatmap"] = base64.b64encode(to_png_bytes(prediction.heatmap)).decode("ascii")
+        answer["thorax_share"] = None if prediction.thorax_share is None else round(prediction.thorax_share, 3)
     return jsonify(answer)
 
 

@@ -253,7 +253,20 @@ def test_api_heatmap_only_when_asked(client, xray_jpeg, query):
     heatmap = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"], validate=True)))
     assert heatmap.format == "PNG"
     assert heatmap.size == (320, 256)
-    assert "heatmap" not in post_api(client, xray_jpeg, query="?heatmap=0").json
+    assert 0.0 <= answer["thorax_share"] <= 1.0
+    without = post_api(client, xray_jpeg, query="?heatmap=0").json
+    assert "heatmap" not in without and "thorax_share" not in without
+
+
+def test_api_thorax_share_is_the_one_the_result_page_shows(client, app, xray_jpeg):
+    """The same share, from the same prediction code, as the page's "inside the thorax box" figure."""
+    from model.cam import thorax_share
+
+    predictor = app.extensions["predictor"]
+    prediction = predictor.predict_bytes(xray_jpeg, with_heatmap=True)
+    answer = post_api(client, xray_jpeg, query="?heatmap=1").json
+    assert answer["thorax_share"] == round(prediction.thorax_share, 3)
+    assert thorax_share(np.zeros((4, 4))) is None
 
 
 def _exif_rotated_jpeg():
