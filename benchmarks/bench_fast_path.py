@@ -84,7 +84,7 @@ def main(args):
         report["answers"] = answers(baseline, fast, test_dir, limit=args.agreement_films)
         report["ood_sets"] = ood_verdicts(baseline, fast, test_dir)
     if "forward" not in skip:
-        report["forward"] = bare_forward(baseline, fast, rounds=6 if args.quick else 12)
+        report["forward"] = bare_forward(baseline, fast, report["machine"], rounds=6 if args.quick else 12)
     if "triage" not in skip:
         report["triage"] = triage_runs(args.checkpoint, test_dir, [BASELINE, fast.backend], films=args.triage_films)
     if "http" not in skip:
@@ -148,16 +148,15 @@ def answers(baseline, fast, test_dir, *, limit=None):
     result = {"films": len(films), "top1_agreement": float((p_base.argmax(1) == p_fast.argmax(1)).float().mean()),
               "max_probability_difference": float(difference.max()),
               "p99_probability_difference": float(difference.quantile(0.99))}
+    flags = {}
     for name, probabilities, features, predictor in (("baseline", p_base, f_base, baseline),
                                                      ("fast", p_fast, f_fast, fast)):
         predicted = probabilities.argmax(1)
-        flagged = [verdict["flagged"] for verdict in predictor.ood_check(features)]
+        flags[name] = [verdict["flagged"] for verdict in predictor.ood_check(features)]
         result[name] = {"accuracy": float((predicted == targets).float().mean()),
                         "covid_sensitivity": float((predicted[targets == covid] == covid).float().mean()),
-                        "ood_flagged": int(sum(flagged))}
-    flags = [[verdict["flagged"] for verdict in predictor.ood_check(features)]
-             for predictor, features in ((baseline, f_base), (fast, f_fast))]
-    result["ood_verdicts_differ"] = int(sum(a != b for a, b in zip(*flags)))
+                        "ood_flagged": int(sum(flags[name]))}
+    result["ood_verdicts_differ"] = int(sum(a != b for a, b in zip(flags["baseline"], flags["fast"])))
     # Heatmaps of the class float32 predicts, from each path's activations: Pearson correlation per film.
     classes = p_base.argmax(1)
     cams = [torch.from_numpy(class_activation_maps(features, baseline.network.fc.weight, classes)).flatten(1)
@@ -240,7 +239,7 @@ def gemm_ceilings(threads, size=1024, repeats=5):
     return results
 
 
-def bare_forward(baseline, fast, *, rounds):
+def bare_forward(baseline, fast, info, *, rounds):
     """ms per film of each candidate's forward pass at batch 1 and 8, round-robin, 2 threads (batch triage's)."""
     from model.runtime import build_runtime
 
@@ -258,7 +257,6 @@ def bare_forward(baseline, fast, *, rounds):
             max(3, rounds // (2 if size == 8 else 1)), warmup=1)
         for name, value in seconds.items():
             rows.setdefault(name, {})[f"batch{size}_ms_per_film"] = value * 1000 / size
-    info = machine()
     macs = multiply_accumulates(baseline.network, params["crop_size"])
     peaks = nominal_peaks(info)
     ceilings = gemm_ceilings(torch.get_num_threads())
@@ -351,11 +349,9 @@ def http(checkpoint, test_dir, backends, *, requests, workers=2):
 
 def pacs_worker(predictors, *, films, size=1024):
     """Films/s of the PACS worker's loop (write-back on), one fresh store per backend, on the same studies."""
-    from pacs.demo import demo_images, radiograph_dataset
-    from pacs.dicomweb import PacsClient
+    import bench_pacs
     from pacs.orthanc import OrthancServer
-    from pacs.worker import Worker, silence_dicom_libraries
-    from store import open_store
+    from pacs.worker import silence_dicom_libraries
 
     if not shutil.which("Orthanc") and not Path("/usr/sbin/Orthanc").exists():
         logger.warning("Orthanc is not installed (make pacs-deps): the PACS worker is not measured")
@@ -365,19 +361,10 @@ def pacs_worker(predictors, *, films, size=1024):
     orthanc = OrthancServer(folder / "orthanc", stable_age=1).start()
     results = {}
     try:
-        from dicomweb_client.api import DICOMwebClient
-
-        datasets = [radiograph_dataset(pixels, patient_name=f"Bench^{index}", patient_id=f"B{index}",
-                                       accession_number=f"B{index:05d}")
-                    for index, pixels in enumerate(demo_images(films, size=size))]
-        DICOMwebClient(orthanc.dicomweb_url).store_instances(datasets)
-        time.sleep(orthanc.stable_age + 1.5)
+        bench_pacs.stored_studies(orthanc, films, size=size)
         for backend, predictor in predictors.items():
-            store = open_store(f"sqlite:///{folder / (backend + '.sqlite3')}")
-            worker = Worker(PacsClient(orthanc.dicomweb_url), store, predictor, write_back=True)
-            start = time.perf_counter()
-            processed = worker.run_once()
-            elapsed = time.perf_counter() - start
+            processed, elapsed = bench_pacs.time_worker(orthanc, predictor, folder / f"{backend}.sqlite3",
+                                                        write_back=True)
             results[backend] = {"films": processed, "seconds": elapsed, "films_per_s": processed / elapsed}
     finally:
         orthanc.stop()

@@ -46,7 +46,7 @@ def main(args):
 
     import predict as batch_triage
     from model.inference import Predictor
-    from pacs.demo import demo_images, radiograph_dataset
+    from pacs.demo import radiograph_dataset
     from pacs.dicomweb import PacsClient
     from pacs.orthanc import OrthancServer
     from pacs.worker import Worker, silence_dicom_libraries, to_part10
@@ -64,15 +64,11 @@ def main(args):
         from dicomweb_client.api import DICOMwebClient
 
         client = DICOMwebClient(orthanc.dicomweb_url)
-        films = demo_images(args.images, size=args.size)
-        datasets = [radiograph_dataset(pixels, patient_name=f"Bench^{index}", patient_id=f"B{index}",
-                                       accession_number=f"B{index:05d}") for index, pixels in enumerate(films)]
-        client.store_instances(datasets)
+        films, datasets = stored_studies(orthanc, args.images, size=args.size)
         dicom_folder = folder / "dicom"
         dicom_folder.mkdir()
         for index, dataset in enumerate(datasets):
             (dicom_folder / f"{index:04d}.dcm").write_bytes(to_part10(dataset))
-        time.sleep(orthanc.stable_age + 1.5)
 
         start = time.perf_counter()
         batch_triage.predict_paths(predictor, sorted(dicom_folder.glob("*.dcm")), batch_size=16, workers=2,
@@ -80,11 +76,8 @@ def main(args):
         results["predict.py (batch 16, 2 decoders)"] = args.images / (time.perf_counter() - start)
 
         for name, write_back in (("worker, write-back on", True), ("worker, write-back off", False)):
-            store = open_store(f"sqlite:///{folder / (name.replace(' ', '_') + '.sqlite3')}")
-            worker = Worker(PacsClient(orthanc.dicomweb_url), store, predictor, write_back=write_back)
-            start = time.perf_counter()
-            processed = worker.run_once()
-            elapsed = time.perf_counter() - start
+            processed, elapsed = time_worker(orthanc, predictor, folder / (name.replace(" ", "_") + ".sqlite3"),
+                                             write_back=write_back)
             assert processed == args.images, f"{name}: processed {processed} of {args.images}"
             results[name] = args.images / elapsed
 
@@ -112,6 +105,33 @@ def main(args):
         "machine": platform.platform(), "load_before": load_before, "load_after": os.getloadavg(),
     }, indent=2))
     print(f"wrote {output}")
+
+
+def stored_studies(orthanc, count, *, size):
+    """``count`` made-up studies of one film each, STOWed into ``orthanc`` and left until stable: (films, datasets)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from pacs.demo import demo_images, radiograph_dataset
+
+    films = demo_images(count, size=size)
+    datasets = [radiograph_dataset(pixels, patient_name=f"Bench^{index}", patient_id=f"B{index}",
+                                   accession_number=f"B{index:05d}") for index, pixels in enumerate(films)]
+    DICOMwebClient(orthanc.dicomweb_url).store_instances(datasets)
+    time.sleep(orthanc.stable_age + 1.5)
+    return films, datasets
+
+
+def time_worker(orthanc, predictor, database_path, *, write_back):
+    """(images processed, seconds) of one ``Worker.run_once`` over everything pending, with a fresh SQLite store."""
+    from pacs.dicomweb import PacsClient
+    from pacs.worker import Worker
+    from store import open_store
+
+    worker = Worker(PacsClient(orthanc.dicomweb_url), open_store(f"sqlite:///{database_path}"), predictor,
+                    write_back=write_back)
+    start = time.perf_counter()
+    processed = worker.run_once()
+    return processed, time.perf_counter() - start
 
 
 def stow_to_worklist(orthanc, client, predictor, folder, films, count, radiograph_dataset, PacsClient, Worker,

@@ -8,9 +8,7 @@ memory does not hide another's. Printed as a table; the budget (issue 33) is 1.5
 """
 
 import argparse
-import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -82,25 +80,11 @@ def make_inputs(folder):
 
 
 def write_dicom(path, pixels):
-    """An uncompressed 12-bit DX DICOM file around ``pixels``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    """An uncompressed 12-bit DX DICOM file around ``pixels`` (tests/test_dicom.py's maker, made-up patient)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from test_dicom import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality, dataset.ViewPosition = "DX", "PA"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    dataset.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    path.write_bytes(buffer.getvalue())
+    path.write_bytes(dicom_bytes(pixels, bits_stored=12))
     return path
 
 

@@ -39,11 +39,11 @@ def fast_path_path(checkpoint_path):
     return path.with_name(path.stem + FAST_PATH_SUFFIX)
 
 
-def read_fast_path_metadata(path):
-    """The ``covidscan.*`` metadata of an int8 file, as a dict (without the prefix); reads only the header."""
+def read_fast_path_metadata(source):
+    """The ``covidscan.*`` metadata of an int8 file (its path or its bytes), as a dict without the prefix."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load_model_from_string(source if isinstance(source, bytes) else Path(source).read_bytes())
     return {entry.key[len(METADATA_PREFIX):]: entry.value for entry in model.metadata_props
             if entry.key.startswith(METADATA_PREFIX)}
 
@@ -78,14 +78,15 @@ def preprocess_films(predictor, paths):
                            for path in paths])
 
 
-def quantize_checkpoint(predictor, val_dir, output, *, limit=CALIBRATION_FILMS, check=CHECK_FILMS,
-                        checkpoint_sha256=None):
+def quantize_checkpoint(predictor, val_dir, output, *, limit=CALIBRATION_FILMS, check=CHECK_FILMS):
     """Write the int8 fast-path file of ``predictor``'s network to ``output``; returns a report dict.
 
     The float32 export, ONNX Runtime's pre-processing (shape inference, graph optimisation) and the quantized model
-    are built in a temporary folder; ``output`` appears only once it is complete. The report holds the agreement
-    with float32 (top-1 agreement, largest probability difference) on up to ``check`` further val films that the
-    calibration did not see (on the calibration films themselves when the split has no others).
+    are built in a temporary folder. The report holds the agreement with float32 (top-1 agreement, largest
+    probability difference) on up to ``check`` further val films that the calibration did not see (on the
+    calibration films themselves when the split has no others). A model that misses ``MIN_TOP1_AGREEMENT`` or
+    ``MAX_PROBABILITY_DIFFERENCE`` raises ``CheckpointError`` and nothing is written; ``output`` appears only once
+    it is complete and checked. It records ``predictor.sha256``, the checkpoint it belongs to.
     """
     import tempfile
 
@@ -134,8 +135,15 @@ def quantize_checkpoint(predictor, val_dir, output, *, limit=CALIBRATION_FILMS, 
     agreement = compare_models(float_model, model.SerializeToString(), check_inputs, predictor.temperature)
     agreement["check_films"] = len(check_inputs)
     agreement["check_films_held_out"] = bool(held_out)
+    if (agreement["max_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
+            or agreement["top1_agreement"] < MIN_TOP1_AGREEMENT):
+        raise CheckpointError(
+            f"the int8 model's answers on {len(check_inputs)} val films drift from float32 (top-1 agreement "
+            f"{agreement['top1_agreement']:.3f}, at least {MIN_TOP1_AGREEMENT}; largest probability difference "
+            f"{agreement['max_probability_difference']:.3f}, at most {MAX_PROBABILITY_DIFFERENCE}); nothing written "
+            f"to {output}")
     metadata = {
-        "checkpoint_sha256": checkpoint_sha256 or "",
+        "checkpoint_sha256": predictor.sha256 or "",
         "model_version": str(predictor.model_info["version"]),
         "quantization": "onnxruntime quantize_static QDQ: int8 weights per channel, uint8 activations, MinMax "
                         f"ranges averaged over batches of {CALIBRATION_BATCH}; float32 modules: "
@@ -156,15 +164,14 @@ def float_node_names(model, modules):
     The exporter names each weight after its module (``network.layer1.0.conv1.weight``), which survives batch-norm
     folding, so a node is found by its weight, not by its generated name.
     """
-    prefixes = tuple(f"network.{module}." for module in modules)
-    names = [node.name for node in model.graph.node
-             if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.input[1].startswith(prefixes)]
-    missing = [module for module in modules
-               if not any(node.input[1].startswith(f"network.{module}.") for node in model.graph.node
-                          if node.op_type in ("Conv", "Gemm") and len(node.input) > 1)]
+    weights = {node.name: node.input[1] for node in model.graph.node
+               if node.op_type in ("Conv", "Gemm") and len(node.input) > 1}
+    prefixes = {module: f"network.{module}." for module in modules}
+    missing = [module for module, prefix in prefixes.items()
+               if not any(weight.startswith(prefix) for weight in weights.values())]
     if missing:
         raise CheckpointError(f"the exported graph has no weights of {', '.join(missing)} to keep in float32")
-    return names
+    return [name for name, weight in weights.items() if weight.startswith(tuple(prefixes.values()))]
 
 
 def compare_models(float_bytes, int8_bytes, inputs, temperature, *, batch_size=10):

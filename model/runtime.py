@@ -102,22 +102,26 @@ def cpu_int8_support(cpuinfo_path="/proc/cpuinfo"):
 
 
 def fast_path_file(checkpoint_path, sha256):
-    """``(path, None)`` when the checkpoint has an int8 file made from it, else ``(None, why not)``."""
+    """``(path, bytes, None)`` when the checkpoint has an int8 file made from it, else ``(None, None, why not)``.
+
+    The file is read once, here; its bytes are what the int8 runtime runs.
+    """
     from model.quantize import fast_path_path, read_fast_path_metadata
 
     if not checkpoint_path:
-        return None, "the checkpoint was not loaded from a file, so it has no int8 file beside it"
+        return None, None, "the checkpoint was not loaded from a file, so it has no int8 file beside it"
     path = fast_path_path(checkpoint_path)
     if not path.is_file():
-        return None, f"there is no int8 file at {path} (scripts/export.py --int8 DATA writes it)"
+        return None, None, f"there is no int8 file at {path} (scripts/export.py --int8 DATA writes it)"
     try:
-        recorded = read_fast_path_metadata(path).get("checkpoint_sha256")
+        data = path.read_bytes()
+        recorded = read_fast_path_metadata(data).get("checkpoint_sha256")
     except Exception as error:  # onnx's DecodeError and OSError alike: a damaged file is not run
-        return None, f"{path} cannot be read ({type(error).__name__})"
+        return None, None, f"{path} cannot be read ({type(error).__name__})"
     if not sha256 or recorded != sha256:
-        return None, (f"{path} was made from another checkpoint (SHA-256 {str(recorded)[:12]}..., not "
-                      f"{str(sha256)[:12]}...); write it again with scripts/export.py --int8")
-    return path, None
+        return None, None, (f"{path} was made from another checkpoint (SHA-256 {str(recorded)[:12]}..., not "
+                            f"{str(sha256)[:12]}...); write it again with scripts/export.py --int8")
+    return path, data, None
 
 
 def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
@@ -140,24 +144,23 @@ def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
         return runtime
 
     if name == FAST_BACKEND:
-        path, reason = fast_path_file(predictor.checkpoint_path, predictor.sha256)
+        path, data, reason = fast_path_file(predictor.checkpoint_path, predictor.sha256)
         if path is None:
             raise BackendError(f"inference backend {FAST_BACKEND!r} was asked for, but {reason}")
-        return chosen(build(FAST_BACKEND, model_path=path), f"{FAST_BACKEND}, as asked ({path})")
+        return chosen(build(FAST_BACKEND, model_path=path, model_bytes=data), f"{FAST_BACKEND}, as asked ({path})")
     why_not_fast = None
     if requested == "auto" and name == DEFAULT_BACKEND:
-        path, why_not_fast = fast_path_file(predictor.checkpoint_path, predictor.sha256)
-        supported, flag = cpu_int8_support()
-        if path is not None and supported:
+        supported, flag = cpu_int8_support()  # first: a CPU that cannot use the file need not read it
+        path, data, why_not_fast = fast_path_file(predictor.checkpoint_path, predictor.sha256) if supported else (
+            None, None, flag)
+        if path is not None:
             try:
-                runtime = build(FAST_BACKEND, model_path=path)
+                runtime = build(FAST_BACKEND, model_path=path, model_bytes=data)
             except BackendError as error:
                 logger.warning("%s; using float32 ONNX instead", error)
                 why_not_fast = f"it failed to build ({error})"
             else:
                 return chosen(runtime, f"{FAST_BACKEND}, the fast path ({path}; this CPU has {flag})")
-        elif path is not None:
-            why_not_fast = flag
     try:
         runtime = build(name)
     except BackendError as error:
@@ -172,10 +175,11 @@ def build_runtime_for_predictor(predictor, backend=None, *, cache_key=None):
     return chosen(runtime, f"{name}, the default on {predictor.device}")
 
 
-def build_runtime(network, backend, *, example_input, device="cpu", cache_key=None, model_path=None):
+def build_runtime(network, backend, *, example_input, device="cpu", cache_key=None, model_path=None,
+                  model_bytes=None):
     """Build (and warm up) the runtime for ``backend`` around an eval-mode network; raises ``BackendError``.
 
-    ``model_path``: the int8 backend's ONNX file.
+    ``model_path``, ``model_bytes``: the int8 backend's ONNX file and its content (``fast_path_file``).
     """
     builders = {
         "eager": EagerRuntime,
@@ -191,9 +195,9 @@ def build_runtime(network, backend, *, example_input, device="cpu", cache_key=No
         if backend == "onnx":
             runtime = OnnxRuntime(network.eval(), example_input, cache_key=cache_key)
         elif backend == "int8":
-            if model_path is None:
-                raise BackendError("inference backend 'int8' needs the path of its ONNX file")
-            runtime = Int8OnnxRuntime(model_path)
+            if model_bytes is None:
+                raise BackendError("inference backend 'int8' needs its ONNX file (model/runtime.py: fast_path_file)")
+            runtime = Int8OnnxRuntime(model_bytes, model_path)
         else:
             runtime = builders[backend](network.eval(), example_input)
         runtime(example_input)  # fail at start-up rather than on the first request
@@ -272,19 +276,19 @@ class OnnxRuntime(Runtime):
     name = "onnx"
 
     def __init__(self, network, example_input, *, cache_key=None):
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise BackendError("inference backend 'onnx' needs onnxruntime (pip install -r requirements.txt)") from error
-        onnxruntime.disable_telemetry_events()
+        _start_onnxruntime(self.name)
         # The export takes seconds; a process that builds several Predictors of one checkpoint (tests) does it once.
         export_key = (cache_key, tuple(example_input.shape[1:])) if cache_key else None
-        if export_key in _ONNX_EXPORTS:
-            self.model_bytes = _ONNX_EXPORTS[export_key]
-        else:
-            self.model_bytes = export_onnx(network, example_input)
+        model_bytes = _ONNX_EXPORTS.get(export_key)
+        if model_bytes is None:
+            model_bytes = export_onnx(network, example_input)
             if export_key:
-                _ONNX_EXPORTS[export_key] = self.model_bytes
+                _ONNX_EXPORTS[export_key] = model_bytes
+        self._use(model_bytes)
+
+    def _use(self, model_bytes):
+        """Run ``model_bytes``; sessions are opened on first use."""
+        self.model_bytes = model_bytes
         self._session = None
         self._session_key = None
         self._lock = threading.Lock()
@@ -312,23 +316,25 @@ class OnnxRuntime(Runtime):
 class Int8OnnxRuntime(OnnxRuntime):
     """The int8 fast path: the quantized ONNX file written at export, run by ONNX Runtime's CPU provider.
 
-    Nothing is exported or quantized here: the file's bytes are read once, and sessions are opened (and shared
-    across a fork) as for ``OnnxRuntime``.
+    Nothing is exported or quantized here: it runs the file's bytes as read (once) by ``fast_path_file``, and
+    sessions are opened (and shared across a fork) as for ``OnnxRuntime``.
     """
 
     name = "int8"
 
-    def __init__(self, model_path):
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise BackendError("inference backend 'int8' needs onnxruntime (pip install -r requirements.txt)") from error
-        onnxruntime.disable_telemetry_events()
+    def __init__(self, model_bytes, model_path):
+        _start_onnxruntime(self.name)
         self.model_path = str(model_path)
-        self.model_bytes = open(model_path, "rb").read()
-        self._session = None
-        self._session_key = None
-        self._lock = threading.Lock()
+        self._use(model_bytes)
+
+
+def _start_onnxruntime(backend):
+    """Import onnxruntime with its telemetry off; ``BackendError`` when it is not installed."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise BackendError(f"inference backend {backend!r} needs onnxruntime (pip install -r requirements.txt)") from error
+    onnxruntime.disable_telemetry_events()
 
 
 def export_onnx(network, example_input, path=None):

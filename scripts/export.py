@@ -105,26 +105,18 @@ def main(args):
 
 def write_int8(checkpoint_path, data, *, films=None):
     """Quantize a serving checkpoint into its int8 fast-path file; refuse one whose answers drift from float32."""
-    from model.inference import Predictor, file_sha256
     import model.quantize as quantize
+    from model.inference import Predictor, file_sha256
 
     output = quantize.fast_path_path(checkpoint_path)
     try:
         predictor = Predictor.from_path(checkpoint_path, backend="eager")
         report = quantize.quantize_checkpoint(predictor, Path(data) / "val", output,
-                                              limit=films or quantize.CALIBRATION_FILMS,
-                                              checkpoint_sha256=file_sha256(checkpoint_path))
+                                              limit=films or quantize.CALIBRATION_FILMS)
     except CovidScanError as error:
         sys.exit(f"error: {error}")
     print(json.dumps(report, indent=2))
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, sha256 {file_sha256(output)})")
-    if (report["max_probability_difference"] > quantize.MAX_PROBABILITY_DIFFERENCE
-            or report["top1_agreement"] < quantize.MIN_TOP1_AGREEMENT):
-        output.unlink()
-        sys.exit(f"error: the int8 file's answers on {report['check_films']} val films drift from float32 (top-1 "
-                 f"agreement {report['top1_agreement']:.3f}, at least {quantize.MIN_TOP1_AGREEMENT}; largest "
-                 f"probability difference {report['max_probability_difference']:.3f}, at most "
-                 f"{quantize.MAX_PROBABILITY_DIFFERENCE}); removed {output}")
 
 
 def write_onnx(checkpoint, path):

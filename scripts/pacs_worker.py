@@ -1,9 +1,10 @@
 """PACS worker: triage every new chest X-ray of a DICOMweb PACS into the worklist, writing results back to the study.
 
 Reads COVIDSCAN_MODEL_PATH and COVIDSCAN_DATABASE_URL like the app, and checks the model as the app does
-(COVIDSCAN_MODEL_SHA256, COVIDSCAN_ALLOWED_CLASS_NAMES, the checkpoint's reference films) before it writes anything;
-COVIDSCAN_PACS_WRITE_BACK=0 keeps the results out of the PACS. ``--once`` processes everything pending and exits; otherwise the worker runs until SIGTERM (or
-Ctrl-C) and finishes the image in hand first. See docs/pacs.md.
+(COVIDSCAN_MODEL_SHA256, COVIDSCAN_ALLOWED_CLASS_NAMES, the checkpoint's reference films) before it writes
+anything; COVIDSCAN_PACS_WRITE_BACK=0 keeps the results out of the PACS. ``--once`` processes everything pending
+and exits; otherwise the worker runs until SIGTERM (or Ctrl-C) and finishes the image in hand first. See
+docs/pacs.md.
 """
 
 import argparse
